@@ -1,0 +1,197 @@
+"""Realistic order traffic: valid references, exact duplicates and invalid payloads on demand.
+
+Orders are built column-wise with Polars and serialised with `write_ndjson`, then pushed in
+batches, each with its completion signal, waiting whenever backpressure says the queue is full.
+"""
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import polars as pl
+import psycopg
+
+from orders_pipeline.redis_patterns.backpressure import Backpressure
+from orders_pipeline.redis_patterns.queue import OrderQueue
+
+PAYLOAD_SCHEMA = {"order_id": pl.String, "customer_id": pl.Int64, "product_id": pl.String,
+                  "quantity": pl.Int64, "unit_price": pl.Float64, "currency": pl.String,
+                  "zip_code": pl.String, "order_timestamp": pl.String}
+INVALID_KINDS = (
+    "bad_json", "missing_field", "negative_quantity", "unknown_product", "unknown_currency",
+    "bad_timestamp", "wrong_type", "not_utf8",
+)
+
+
+@dataclass(frozen=True)
+class References:
+    """Ids and prices that valid generated orders may use."""
+    products: pl.DataFrame    # product_id, base_price (USD)
+    currencies: pl.DataFrame  # currency, rate_to_usd
+    zip_codes: list[str]
+
+    @classmethod
+    def load(cls, conn: psycopg.Connection) -> "References":
+        products = conn.execute(
+            "SELECT product_id, base_price::float8 FROM products ORDER BY product_id").fetchall()
+        currencies = conn.execute(
+            "SELECT currency_code::text, rate_to_usd::float8 FROM currencies"
+            " ORDER BY currency_code").fetchall()
+        zips = [r[0] for r in conn.execute("SELECT zip_code FROM zip_codes ORDER BY zip_code")]
+        conn.rollback()
+        if not products or not currencies or not zips:
+            raise RuntimeError("lookup tables are empty (run `orders-pipeline init-db`)")
+        return cls(
+            pl.DataFrame(products, schema={"product_id": pl.String, "base_price": pl.Float64},
+                         orient="row"),
+            pl.DataFrame(currencies, schema={"currency": pl.String, "rate_to_usd": pl.Float64},
+                         orient="row"),
+            zips,
+        )
+
+
+@dataclass(frozen=True)
+class GenerateSummary:
+    pushed: int
+    unique_valid: int
+    duplicates: int
+    invalid: int
+    batches: int
+    seconds: float
+    backpressure_seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.pushed / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "orders_per_second": self.rate}
+
+
+def valid_orders(refs: References, count: int, rng: random.Random, *,
+                 burst: bool = False, now: datetime | None = None) -> pl.DataFrame:
+    """`count` valid orders as a frame with the payload's columns."""
+    if count == 0:
+        return pl.DataFrame(schema=PAYLOAD_SCHEMA)
+    now = now or datetime.now(UTC)
+    seed = rng.randrange(2**32)
+    token = uuid.UUID(int=rng.getrandbits(128)).hex[:12]
+    product = refs.products.sample(count, with_replacement=True, seed=seed)
+    currency = refs.currencies.sample(count, with_replacement=True, seed=seed + 1)
+    zips = pl.Series(refs.zip_codes).sample(count, with_replacement=True, seed=seed + 2)
+    offsets = (pl.Series([0] * count) if burst else
+               pl.int_range(0, 3600, eager=True).sample(count, with_replacement=True,
+                                                        seed=seed + 3))
+    quantities = pl.Series([1, 1, 1, 2, 2, 3, 4, 5]).sample(count, with_replacement=True,
+                                                             seed=seed + 4)
+    customers = pl.int_range(1, 200_001, eager=True).sample(count, with_replacement=True,
+                                                            seed=seed + 5)
+    frame = pl.DataFrame({
+        "n": pl.int_range(0, count, eager=True),
+        "customer_id": customers,
+        "product_id": product["product_id"],
+        "quantity": quantities,
+        "base_price": product["base_price"],
+        "currency": currency["currency"],
+        "rate_to_usd": currency["rate_to_usd"],
+        "zip_code": zips,
+        "offset_s": offsets,
+    })
+    stamp = pl.lit(now) - pl.duration(seconds=pl.col("offset_s"))
+    return frame.select(
+        pl.format("ord-{}-{}", pl.lit(token), pl.col("n")).alias("order_id"), "customer_id", "product_id", "quantity",
+        (pl.col("base_price") / pl.col("rate_to_usd")).round(2).alias("unit_price"),
+        "currency", "zip_code",
+        stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.3f+00:00").alias("order_timestamp"),
+    )
+
+
+def to_payloads(orders: pl.DataFrame) -> list[bytes]:
+    """One compact JSON object per order, as the queue carries them."""
+    if orders.is_empty():
+        return []
+    return orders.write_ndjson().encode().splitlines()
+
+
+def invalid_payload(kind: str, valid: dict[str, object], n: int) -> bytes:
+    """A payload that must be rejected, of the given kind, derived from a valid order."""
+    order = {**valid, "order_id": f"bad-{uuid.uuid4().hex[:10]}-{n}"}
+    if kind == "bad_json":
+        return json.dumps(order).encode()[:-7]
+    if kind == "missing_field":
+        order.pop("product_id")
+    elif kind == "negative_quantity":
+        order["quantity"] = -abs(int(order["quantity"]))
+    elif kind == "unknown_product":
+        order["product_id"] = "P-NOPE"
+    elif kind == "unknown_currency":
+        order["currency"] = "XXX"
+    elif kind == "bad_timestamp":
+        order["order_timestamp"] = "yesterday at noon"
+    elif kind == "wrong_type":
+        order["quantity"] = str(order["quantity"])
+    elif kind == "not_utf8":
+        return json.dumps(order).encode().replace(b'"ord', b'"\xff\xfeord', 1) + b"\xff"
+    return json.dumps(order).encode()
+
+
+def build_payloads(refs: References, count: int, *, duplicates: float = 0.0,
+                   invalid: float = 0.0, burst: bool = False, seed: int | None = None
+                   ) -> tuple[list[bytes], dict[str, int]]:
+    """`count` payloads in queue order, with the given fractions of duplicates and invalid."""
+    if not (0 <= duplicates < 1 and 0 <= invalid < 1 and duplicates + invalid < 1):
+        raise ValueError("--duplicates and --invalid are fractions that sum to less than 1")
+    rng = random.Random(seed)
+    n_dup = round(count * duplicates)
+    n_bad = round(count * invalid)
+    n_valid = count - n_dup - n_bad
+    orders = valid_orders(refs, n_valid, rng, burst=burst)
+    payloads = to_payloads(orders)
+    if n_bad:
+        rows = orders.head(max(1, min(n_valid, 1000))).to_dicts() or [{
+            "order_id": "x", "customer_id": 1, "product_id": "P000001", "quantity": 1,
+            "unit_price": 1.0, "currency": "USD", "zip_code": "00000",
+            "order_timestamp": datetime.now(UTC).isoformat()}]
+        payloads += [invalid_payload(INVALID_KINDS[i % len(INVALID_KINDS)],
+                                     rows[i % len(rows)], i) for i in range(n_bad)]
+    if n_dup:
+        if not n_valid:
+            raise ValueError("duplicates need at least one valid order")
+        payloads += [payloads[rng.randrange(n_valid)] for _ in range(n_dup)]
+    rng.shuffle(payloads)
+    return payloads, {"unique_valid": n_valid, "duplicates": n_dup, "invalid": n_bad}
+
+
+def push_payloads(queue: OrderQueue, backpressure: Backpressure, payloads: list[bytes],
+                  batch_size: int, *, on_progress: Callable[[int], None] | None = None,
+                  on_wait: Callable[[int], None] | None = None) -> tuple[int, float]:
+    """Push in batches (one signal each); returns (batches, seconds spent waiting)."""
+    batches = 0
+    waited = 0.0
+    for start in range(0, len(payloads), batch_size):
+        chunk = payloads[start:start + batch_size]
+        waited += backpressure.wait_for_room(on_wait)
+        queue.push_batch(chunk)
+        batches += 1
+        if on_progress is not None:
+            on_progress(len(chunk))
+    return batches, waited
+
+
+def generate(queue: OrderQueue, backpressure: Backpressure, refs: References, count: int, *,
+             batch_size: int, duplicates: float = 0.0, invalid: float = 0.0,
+             burst: bool = False, seed: int | None = None,
+             on_progress: Callable[[int], None] | None = None,
+             on_wait: Callable[[int], None] | None = None) -> GenerateSummary:
+    started = time.perf_counter()
+    payloads, mix = build_payloads(refs, count, duplicates=duplicates, invalid=invalid,
+                                   burst=burst, seed=seed)
+    batches, waited = push_payloads(queue, backpressure, payloads, batch_size,
+                                    on_progress=on_progress, on_wait=on_wait)
+    return GenerateSummary(len(payloads), mix["unique_valid"], mix["duplicates"],
+                           mix["invalid"], batches, time.perf_counter() - started, waited)
+

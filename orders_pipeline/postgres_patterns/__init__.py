@@ -1,0 +1,1 @@
+"""Postgres patterns: schema, COPY into UNLOGGED staging, idempotent promotion, view refresh."""

@@ -1,0 +1,87 @@
+"""COPY a transformed batch into UNLOGGED `orders_staging`, once per batch.
+
+The batch's ledger row in `ingest_batches` is written in the same transaction as its COPY and
+its rejects, and taken first with a row lock: two workers that both hold the same batch (a
+slow one and the one that reclaimed it) serialise there, and only one of them stages it.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import polars as pl
+import psycopg
+
+STAGING_COLUMNS = (
+    "batch_id", "batch_position", "order_id", "customer_id", "product_id", "quantity",
+    "unit_price", "currency", "zip_code", "order_timestamp", "total_amount",
+    "total_amount_usd", "category", "region", "shipping_zone",
+)
+_COPY_STAGING = f"COPY orders_staging ({', '.join(STAGING_COLUMNS)}) FROM STDIN (FORMAT csv)"
+
+_CLAIM_LEDGER = """
+INSERT INTO ingest_batches (batch_id, status, claimed_rows, staged_rows, rejected_rows,
+                            duplicate_rows)
+VALUES (%(batch_id)s, 'staged', %(claimed)s, %(staged)s, %(rejected)s, %(duplicates)s)
+ON CONFLICT (batch_id) DO UPDATE SET attempts = ingest_batches.attempts + 1
+RETURNING status, (xmax = 0) AS inserted
+"""
+
+_RESTAGE_LEDGER = """
+UPDATE ingest_batches
+SET status = 'staged', claimed_rows = %(claimed)s, staged_rows = %(staged)s,
+    rejected_rows = %(rejected)s, duplicate_rows = %(duplicates)s, staged_at = now()
+WHERE batch_id = %(batch_id)s
+"""
+
+_INSERT_REJECTS = """
+INSERT INTO orders_rejected (batch_id, batch_position, raw_payload, reason, order_id)
+SELECT %s, * FROM unnest(%s::integer[], %s::bytea[], %s::text[], %s::text[])
+ON CONFLICT (batch_id, batch_position) DO NOTHING
+"""
+
+
+class StageOutcome(StrEnum):
+    STAGED = "staged"
+    ALREADY_STAGED = "already_staged"
+    ALREADY_PROMOTED = "already_promoted"
+
+
+@dataclass(frozen=True)
+class StagingBatch:
+    batch_id: str
+    claimed: int
+    rows: pl.DataFrame        # columns: STAGING_COLUMNS (batch_id may be absent)
+    rejects: pl.DataFrame     # columns: batch_position, raw_payload, reason, order_id
+    duplicates: int
+
+
+def rows_to_csv(rows: pl.DataFrame, batch_id: str) -> bytes:
+    """Staging rows as CSV in COPY's column order; Polars quotes commas, quotes, newlines."""
+    frame = rows.with_columns(pl.lit(batch_id).alias("batch_id")).select(STAGING_COLUMNS)
+    return frame.write_csv(include_header=False,
+                           datetime_format="%Y-%m-%dT%H:%M:%S%.6f+00:00").encode()
+
+
+def stage_batch(conn: psycopg.Connection, batch: StagingBatch) -> StageOutcome:
+    """Stage a batch's rows and record its rejects, or recognise it as already done."""
+    params = {"batch_id": batch.batch_id, "claimed": batch.claimed,
+              "staged": batch.rows.height, "rejected": batch.rejects.height,
+              "duplicates": batch.duplicates}
+    with conn.transaction():
+        status, inserted = conn.execute(_CLAIM_LEDGER, params).fetchone()
+        if not inserted:
+            if status == "promoted":
+                return StageOutcome.ALREADY_PROMOTED
+            if status == "staged":
+                return StageOutcome.ALREADY_STAGED
+            conn.execute(_RESTAGE_LEDGER, params)  # 'lost': a crash emptied staging
+        if batch.rows.height:
+            with conn.cursor().copy(_COPY_STAGING) as copy:
+                copy.write(rows_to_csv(batch.rows, batch.batch_id))
+        if batch.rejects.height:
+            r = batch.rejects
+            conn.execute(_INSERT_REJECTS, (
+                batch.batch_id, r["batch_position"].to_list(), r["raw_payload"].to_list(),
+                r["reason"].to_list(), r["order_id"].to_list()))
+    return StageOutcome.STAGED
+

@@ -1,0 +1,1 @@
+"""Redis patterns: queue, dedup window, lookup cache, signals, time window, backpressure."""

@@ -1,0 +1,88 @@
+"""Every Redis key name the pipeline uses, derived from one prefix.
+
+With a prefix such as `{orders}` every key shares one Redis Cluster hash tag, so the Lua
+scripts that touch several keys stay on one slot.
+"""
+
+from dataclasses import dataclass
+
+MAX_ORDER_ID_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "orders"
+
+    @property
+    def ingestion(self) -> str:
+        """List of raw JSON orders; producers LPUSH, workers claim from the right."""
+        return f"{self.prefix}:ingestion"
+
+    @property
+    def inflight(self) -> str:
+        """Sorted set: claimed batch id -> lease deadline (ms, Redis clock)."""
+        return f"{self.prefix}:inflight"
+
+    @property
+    def owners(self) -> str:
+        """Hash: claimed batch id -> token of the worker holding the lease."""
+        return f"{self.prefix}:inflight:owners"
+
+    @property
+    def staged(self) -> str:
+        """Sorted set: batch id -> staged time; kept until its rows are promoted."""
+        return f"{self.prefix}:staged"
+
+    def batch(self, batch_id: str) -> str:
+        """List holding the raw payloads of one claimed batch, in claim order."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def dedup(self, order_id: str) -> str:
+        return f"{self.prefix}:dedup:{order_id}"
+
+    @property
+    def dedup_id_prefix(self) -> str:
+        return f"{self.prefix}:dedup:"
+
+    @property
+    def dedup_count_prefix(self) -> str:
+        return f"{self.prefix}:dedupcount:"
+
+    def dedup_count(self, minute: int) -> str:
+        """Counter of ids first seen in one minute; the window size is the sum over it."""
+        return f"{self.dedup_count_prefix}{minute}"
+
+    def lookup(self, table: str) -> str:
+        return f"{self.prefix}:lookup:{table}"
+
+    @property
+    def lookup_meta(self) -> str:
+        return f"{self.prefix}:lookup:meta"
+
+    @property
+    def lookup_lock(self) -> str:
+        return f"{self.prefix}:lookup:lock"
+
+    @property
+    def signals_channel(self) -> str:
+        """Pub/sub channel of completion signals (contract: `{P}:ingested`)."""
+        return f"{self.prefix}:ingested"
+
+    @property
+    def signals_stream(self) -> str:
+        """Durable record of every completion signal, read by the sensor from its cursor."""
+        return f"{self.prefix}:signals"
+
+    def signal_seen(self, batch_id: str) -> str:
+        """Marker (with TTL) that a batch's signal is already in the stream."""
+        return f"{self.prefix}:signal:{batch_id}"
+
+    @property
+    def order_window(self) -> str:
+        """Sorted set of per-minute order counts scored by order time, trimmed as it slides."""
+        return f"{self.prefix}:window:orders"
+
+    @property
+    def counters(self) -> str:
+        """Hash of monotonic counters (accepted orders, backpressure waits)."""
+        return f"{self.prefix}:counters"

@@ -1,0 +1,168 @@
+"""The ingestion queue: producers push batches, workers claim whole batches under a lease.
+
+A claimed batch moves atomically (one Lua call) from the ingestion list into its own list
+`{P}:batch:{id}`, registered in the `{P}:inflight` sorted set with a lease deadline. It leaves
+Redis only after its rows are in `orders` (see `release`): a worker that dies at any instant
+leaves the batch in flight, and once its lease expires exactly one other worker reclaims it.
+"""
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.signals import CompletionSignals
+
+# KEYS: ingestion, inflight, owners, batch   ARGV: count, lease_ms, batch_id, owner
+_CLAIM = """
+local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+if not items then return {} end
+for i = 1, #items, 1000 do
+  redis.call('RPUSH', KEYS[4], unpack(items, i, math.min(i + 999, #items)))
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+return items
+"""
+
+# KEYS: inflight, owners   ARGV: lease_ms, owner   -> batch id whose lease expired, or nil
+_RECLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+if #expired == 0 then return false end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), expired[1])
+redis.call('HSET', KEYS[2], expired[1], ARGV[2])
+return expired[1]
+"""
+
+# KEYS: inflight, owners, staged   ARGV: batch_id, owner, staged_at
+# Only the lease holder moves its batch; a batch already released stays released.
+_MARK_STAGED = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ClaimedBatch:
+    batch_id: str
+    owner: str
+    payloads: list[bytes]
+    reclaimed: bool = False
+
+
+class OrderQueue:
+    """Reliable batch queue on a Redis list with per-batch leases."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: int = 60) -> None:
+        self.client = client
+        self.keys = keys
+        self.lease_ms = lease_seconds * 1000
+        self.signals = CompletionSignals(client, keys)
+        self._claim = client.register_script(_CLAIM)
+        self._reclaim = client.register_script(_RECLAIM)
+        self._mark_staged = client.register_script(_MARK_STAGED)
+
+    def push_batch(self, payloads: Sequence[bytes], batch_id: str | None = None) -> str:
+        """Enqueue one batch atomically with its accepted count and completion signal.
+
+        One MULTI transaction: either the orders, the `accepted` counter and the signal all
+        land, or (e.g. Redis full under `noeviction`) none does and this raises.
+        """
+        batch_id = batch_id or uuid.uuid4().hex
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lpush(self.keys.ingestion, *payloads)
+        pipe.hincrby(self.keys.counters, "accepted", len(payloads))
+        self.signals.record(pipe, batch_id, len(payloads))
+        pipe.execute()
+        return batch_id
+
+    def claim_batch(self, max_items: int, owner: str) -> ClaimedBatch | None:
+        """Atomically move up to `max_items` orders into a new leased batch."""
+        batch_id = uuid.uuid4().hex
+        items = self._claim(
+            keys=[self.keys.ingestion, self.keys.inflight, self.keys.owners,
+                  self.keys.batch(batch_id)],
+            args=[max_items, self.lease_ms, batch_id, owner],
+        )
+        if not items:
+            return None
+        return ClaimedBatch(batch_id, owner, list(items))
+
+    def reclaim_expired(self, owner: str) -> ClaimedBatch | None:
+        """Take over one batch whose lease expired (its worker died or stalled)."""
+        raw = self._reclaim(keys=[self.keys.inflight, self.keys.owners],
+                            args=[self.lease_ms, owner])
+        if raw is None:
+            return None
+        batch_id = raw.decode()
+        payloads = self.client.lrange(self.keys.batch(batch_id), 0, -1)
+        return ClaimedBatch(batch_id, owner, list(payloads), reclaimed=True)
+
+    def extend_lease(self, batch: ClaimedBatch) -> bool:
+        """Heartbeat: push the lease deadline out, only while we still own the batch."""
+        if self.client.hget(self.keys.owners, batch.batch_id) != batch.owner.encode():
+            return False
+        self.client.zadd(self.keys.inflight, {batch.batch_id: self._now_ms() + self.lease_ms},
+                         xx=True)
+        return True
+
+    def mark_staged(self, batch: ClaimedBatch) -> bool:
+        """Its rows are committed to staging: stop the lease, keep the payloads until promotion."""
+        return bool(self._mark_staged(
+            keys=[self.keys.inflight, self.keys.owners, self.keys.staged],
+            args=[batch.batch_id, batch.owner, self._now_ms()],
+        ))
+
+    def release(self, batch_ids: Sequence[str]) -> None:
+        """Forget batches whose rows are in `orders`: the only place orders leave Redis."""
+        if not batch_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.keys.staged, *batch_ids)
+        pipe.zrem(self.keys.inflight, *batch_ids)
+        pipe.hdel(self.keys.owners, *batch_ids)
+        pipe.delete(*(self.keys.batch(b) for b in batch_ids))
+        pipe.execute()
+
+    def requeue(self, batch_ids: Sequence[str]) -> None:
+        """Hand batches back for processing now (their staged rows were lost in a crash)."""
+        if not batch_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrem(self.keys.staged, *batch_ids)
+        pipe.zadd(self.keys.inflight, dict.fromkeys(batch_ids, 0))
+        pipe.hdel(self.keys.owners, *batch_ids)
+        pipe.execute()
+
+    def staged_batch_ids(self) -> list[str]:
+        return [b.decode() for b in self.client.zrange(self.keys.staged, 0, -1)]
+
+    def depth(self) -> int:
+        return int(self.client.llen(self.keys.ingestion))
+
+    def in_flight_orders(self) -> int:
+        """Orders held in claimed or staged batches (not yet released)."""
+        ids = [*self.client.zrange(self.keys.inflight, 0, -1),
+               *self.client.zrange(self.keys.staged, 0, -1)]
+        if not ids:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.llen(self.keys.batch(batch_id.decode()))
+        return sum(pipe.execute())
+
+    def in_flight_batches(self) -> int:
+        return int(self.client.zcard(self.keys.inflight))
+
+    def _now_ms(self) -> int:
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000

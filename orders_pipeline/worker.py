@@ -1,0 +1,158 @@
+"""A staging worker: claim a batch, validate, enrich, dedup, COPY, hand it to promotion.
+
+The order of steps is what makes redelivery safe: validation and enrichment come before the
+dedup marks (a rejected order never marks its id), the marks carry this batch's token (a
+redelivered batch is never a duplicate of itself), and the batch leaves the lease only after
+its staging transaction commits. It leaves Redis altogether only at promotion.
+"""
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import polars as pl
+import redis
+
+from orders_pipeline import transform
+from orders_pipeline.connections import pg_pool, redis_client
+from orders_pipeline.postgres_patterns.staging import StageOutcome, StagingBatch, stage_batch
+from orders_pipeline.redis_patterns.dedup import DedupWindow
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCacheMissing
+from orders_pipeline.redis_patterns.order_window import OrderRateWindow
+from orders_pipeline.redis_patterns.queue import ClaimedBatch, OrderQueue
+from orders_pipeline.settings import Settings
+
+
+@dataclass
+class BatchReport:
+    batch_id: str
+    claimed: int
+    duplicates: int
+    rejected: int
+    staged: int
+    seconds: float
+    outcome: str
+    reclaimed: bool
+
+    def line(self) -> str:
+        rate = self.claimed / self.seconds if self.seconds else 0.0
+        again = " (reclaimed)" if self.reclaimed else ""
+        return (f"batch {self.batch_id[:12]}{again}: claimed {self.claimed}, "
+                f"duplicates {self.duplicates}, rejected {self.rejected}, staged {self.staged}"
+                f" [{self.outcome}] in {self.seconds * 1000:.0f} ms ({rate:,.0f} rows/s)")
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    claimed: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    staged: int = 0
+    reclaimed_batches: int = 0
+    seconds: float = 0.0
+    workers: int = 1
+    per_worker_seconds: list[float] = field(default_factory=list)
+
+    def add_batch(self, report: BatchReport) -> None:
+        self.batches += 1
+        self.claimed += report.claimed
+        self.duplicates += report.duplicates
+        self.rejected += report.rejected
+        self.staged += report.staged
+        self.reclaimed_batches += int(report.reclaimed)
+
+    def merge(self, other: "WorkerStats") -> None:
+        for name in ("batches", "claimed", "duplicates", "rejected", "staged",
+                     "reclaimed_batches"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.per_worker_seconds.append(other.seconds)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.claimed / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "rows_per_second": self.rows_per_second}
+
+
+class StagingWorker:
+    """Drains the ingestion queue into `orders_staging`, one claimed batch at a time."""
+
+    def __init__(self, settings: Settings, *, name: str | None = None,
+                 client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.client = client or redis_client(settings.redis)
+        self.keys = RedisKeys(settings.redis.key_prefix)
+        tuning = settings.pipeline
+        self.queue = OrderQueue(self.client, self.keys, tuning.claim_timeout_seconds)
+        self.dedup = DedupWindow(self.client, self.keys, tuning.dedup_window_seconds)
+        self.lookups = LookupCache(self.client, self.keys, tuning.lookup_ttl_seconds)
+        self.window = OrderRateWindow(self.client, self.keys)
+        self.owner = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def next_batch(self, batch_size: int) -> ClaimedBatch | None:
+        """A batch whose worker died comes first; then fresh orders from the queue."""
+        return (self.queue.reclaim_expired(self.owner)
+                or self.queue.claim_batch(batch_size, self.owner))
+
+    def process(self, batch: ClaimedBatch) -> BatchReport:
+        started = time.perf_counter()
+        payloads = batch.payloads
+        parsed = transform.parse_payloads(payloads)
+        valid, invalid = transform.validate_values(parsed.rows)
+        lookups = self._fetch_lookups(transform.lookup_ids(valid))
+        enriched, unknown = transform.enrich(valid, lookups)
+        tokens = [f"{batch.batch_id}:{p}" for p in enriched["batch_position"].to_list()]
+        keep = self.dedup.check_and_mark(enriched["order_id"].to_list(), tokens)
+        staged = enriched.filter(pl.Series(keep, dtype=pl.Boolean)) if keep else enriched
+        rejects = pl.concat([
+            parsed.rejects,
+            transform.rejects_from(pl.concat([invalid, unknown]), payloads),
+        ])
+        duplicates = enriched.height - staged.height
+        with pg_pool(self.settings.postgres).connection() as conn:
+            outcome = stage_batch(conn, StagingBatch(
+                batch.batch_id, len(payloads), staged, rejects, duplicates))
+        self._hand_over(batch, outcome, staged)
+        return BatchReport(batch.batch_id, len(payloads), duplicates, rejects.height,
+                           staged.height, time.perf_counter() - started, outcome.value,
+                           batch.reclaimed)
+
+    def _fetch_lookups(self, ids: dict[str, list[str]]) -> dict[str, pl.DataFrame]:
+        try:
+            return self.lookups.fetch(ids)
+        except LookupCacheMissing:
+            with pg_pool(self.settings.postgres).connection() as conn:
+                self.lookups.ensure_loaded(conn)
+            return self.lookups.fetch(ids)
+
+    def _hand_over(self, batch: ClaimedBatch, outcome: StageOutcome,
+                   staged: pl.DataFrame) -> None:
+        if outcome is StageOutcome.ALREADY_PROMOTED:
+            self.queue.release([batch.batch_id])
+            return
+        self.queue.mark_staged(batch)
+        if outcome is StageOutcome.STAGED:
+            self.window.add_counts(batch.batch_id, transform.orders_per_minute(staged))
+
+    def drain(self, batch_size: int, max_batches: int | None = None,
+              on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
+        """Process batches until the queue is empty (or `max_batches` were processed)."""
+        stats = WorkerStats()
+        started = time.perf_counter()
+        while max_batches is None or stats.batches < max_batches:
+            batch = self.next_batch(batch_size)
+            if batch is None:
+                break
+            report = self.process(batch)
+            stats.add_batch(report)
+            if on_batch is not None:
+                on_batch(report)
+        stats.seconds = time.perf_counter() - started
+        return stats
+

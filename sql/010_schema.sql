@@ -1,0 +1,101 @@
+-- Tables of the orders pipeline. Idempotent: applied by `orders-pipeline init-db` every time.
+
+CREATE TABLE IF NOT EXISTS products (
+    product_id  text PRIMARY KEY,
+    name        text NOT NULL,
+    category    text NOT NULL,
+    base_price  numeric(12, 2) NOT NULL CHECK (base_price >= 0)
+);
+
+CREATE TABLE IF NOT EXISTS currencies (
+    currency_code char(3) PRIMARY KEY,
+    name          text NOT NULL,
+    -- USD value of ONE unit of the currency (EUR ~ 1.08, JPY ~ 0.0067).
+    rate_to_usd   numeric(18, 8) NOT NULL CHECK (rate_to_usd > 0)
+);
+
+CREATE TABLE IF NOT EXISTS zip_codes (
+    zip_code      text PRIMARY KEY,
+    city          text NOT NULL,
+    state         char(2) NOT NULL,
+    region        text NOT NULL,
+    shipping_zone smallint NOT NULL
+);
+
+-- Landing zone for COPY. UNLOGGED: fast, and emptied by a crash, which is why a batch stays
+-- in Redis until its rows are promoted (see ingest_batches).
+CREATE UNLOGGED TABLE IF NOT EXISTS orders_staging (
+    batch_id         text NOT NULL,
+    batch_position   integer NOT NULL,
+    order_id         text NOT NULL,
+    customer_id      bigint NOT NULL,
+    product_id       text NOT NULL,
+    quantity         integer NOT NULL,
+    unit_price       numeric(18, 4) NOT NULL,
+    currency         text NOT NULL,
+    zip_code         text NOT NULL,
+    order_timestamp  timestamptz NOT NULL,
+    total_amount     numeric(24, 4) NOT NULL,
+    total_amount_usd numeric(22, 2) NOT NULL,
+    category         text NOT NULL,
+    region           text NOT NULL,
+    shipping_zone    smallint NOT NULL,
+    staged_at        timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS orders (
+    order_id         text PRIMARY KEY,
+    customer_id      bigint NOT NULL,
+    product_id       text NOT NULL,
+    quantity         integer NOT NULL CHECK (quantity > 0),
+    unit_price       numeric(18, 4) NOT NULL CHECK (unit_price >= 0),
+    currency         text NOT NULL,
+    zip_code         text NOT NULL,
+    order_timestamp  timestamptz NOT NULL,
+    total_amount     numeric(24, 4) NOT NULL,
+    total_amount_usd numeric(22, 2) NOT NULL,
+    category         text NOT NULL,
+    region           text NOT NULL,
+    shipping_zone    smallint NOT NULL,
+    batch_id         text NOT NULL,
+    promoted_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS orders_order_timestamp_idx ON orders (order_timestamp);
+
+-- Every rejected payload, byte for byte, with the reason. (batch_id, batch_position) makes a
+-- retried batch write its rejects once.
+CREATE TABLE IF NOT EXISTS orders_rejected (
+    batch_id        text NOT NULL,
+    batch_position  integer NOT NULL,
+    raw_payload     bytea NOT NULL,
+    reason          text NOT NULL,
+    order_id        text,
+    rejected_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (batch_id, batch_position)
+);
+CREATE INDEX IF NOT EXISTS orders_rejected_rejected_at_idx ON orders_rejected (rejected_at);
+
+-- Ledger of claimed batches (logged, unlike staging): which batches are staged, promoted, or
+-- were lost from staging by a crash and must be staged again.
+CREATE TABLE IF NOT EXISTS ingest_batches (
+    batch_id        text PRIMARY KEY,
+    status          text NOT NULL CHECK (status IN ('staged', 'promoted', 'lost')),
+    claimed_rows    integer NOT NULL,
+    staged_rows     integer NOT NULL,
+    rejected_rows   integer NOT NULL,
+    duplicate_rows  integer NOT NULL,
+    attempts        integer NOT NULL DEFAULT 1,
+    staged_at       timestamptz NOT NULL DEFAULT now(),
+    promoted_at     timestamptz
+);
+CREATE INDEX IF NOT EXISTS ingest_batches_staged_idx ON ingest_batches (batch_id)
+    WHERE status = 'staged';
+
+-- One row per promotion transaction; inserted < staged means ids already in `orders`.
+CREATE TABLE IF NOT EXISTS promotions (
+    promotion_id  bigserial PRIMARY KEY,
+    promoted_at   timestamptz NOT NULL DEFAULT now(),
+    batches       integer NOT NULL,
+    staged_rows   bigint NOT NULL,
+    inserted_rows bigint NOT NULL
+);
