@@ -103,7 +103,8 @@ def valid_orders(refs: References, count: int, rng: random.Random, *,
     })
     stamp = pl.lit(now) - pl.duration(seconds=pl.col("offset_s"))
     return frame.select(
-        pl.format("ord-{}-{}", pl.lit(token), pl.col("n")).alias("order_id"), "customer_id", "product_id", "quantity",
+        pl.format("ord-{}-{}", pl.lit(token), pl.col("n")).alias("order_id"),
+        "customer_id", "product_id", "quantity",
         (pl.col("base_price") / pl.col("rate_to_usd")).round(2).alias("unit_price"),
         "currency", "zip_code",
         stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.3f+00:00").alias("order_timestamp"),

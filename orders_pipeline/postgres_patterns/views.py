@@ -1,6 +1,8 @@
 """Dashboard views: refreshed CONCURRENTLY so readers are never blocked."""
 
 import time
+from dataclasses import dataclass
+from decimal import Decimal
 
 import psycopg
 from psycopg import sql
@@ -25,12 +27,25 @@ def refresh_views(conn: psycopg.Connection) -> dict[str, float]:
     return {view: refresh_view(conn, view) for view in VIEWS}
 
 
-def view_totals(conn: psycopg.Connection, view: str) -> tuple[int, int, float]:
-    """(rows, sum of order_count, sum of revenue_usd) of a view."""
+@dataclass(frozen=True)
+class Totals:
+    orders: int
+    units: int
+    revenue_usd: Decimal
+
+
+def view_vs_orders(conn: psycopg.Connection, view: str) -> tuple[Totals, Totals]:
+    """Totals of a view and of `orders`, read in one snapshot so they are comparable."""
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}")
-    row = conn.execute(
-        sql.SQL("SELECT count(*), coalesce(sum(order_count), 0), coalesce(sum(revenue_usd), 0)"
-                " FROM {}").format(sql.Identifier(view))).fetchone()
-    conn.rollback()
-    return int(row[0]), int(row[1]), float(row[2])
+    totals = "SELECT coalesce(sum({n}), 0), coalesce(sum({u}), 0), coalesce(sum({r}), 0) FROM {t}"
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        of_view = conn.execute(sql.SQL(totals).format(
+            n=sql.Identifier("order_count"), u=sql.Identifier("units_sold"),
+            r=sql.Identifier("revenue_usd"), t=sql.Identifier(view))).fetchone()
+        of_orders = conn.execute(
+            "SELECT count(*), coalesce(sum(quantity), 0), coalesce(sum(total_amount_usd), 0)"
+            " FROM orders").fetchone()
+    return (Totals(int(of_view[0]), int(of_view[1]), Decimal(of_view[2])),
+            Totals(int(of_orders[0]), int(of_orders[1]), Decimal(of_orders[2])))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import polars as pl
 import psycopg
 import redis
+from psycopg import sql
 
 from orders_pipeline.redis_patterns.keys import RedisKeys
 
@@ -109,6 +110,13 @@ class LookupCache:
         out["ttl_seconds"] = float(min(self.client.ttl(self.keys.lookup(t.name))
                                        for t in LOOKUP_TABLES))
         return out
+
+    def source_counts(self, conn: psycopg.Connection) -> dict[str, int]:
+        """Rows of each lookup table in Postgres, to compare with the snapshot."""
+        counts = {t.name: int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+            sql.Identifier(t.name))).fetchone()[0]) for t in LOOKUP_TABLES}
+        conn.rollback()
+        return counts
 
     def size(self) -> int:
         pipe = self.client.pipeline(transaction=False)

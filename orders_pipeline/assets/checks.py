@@ -1,0 +1,61 @@
+import dagster as dg
+
+from orders_pipeline.assets.lookup import lookup_cache
+from orders_pipeline.assets.orders import promoted_orders
+from orders_pipeline.assets.views import product_performance_daily, sales_hourly
+from orders_pipeline.postgres_patterns.views import view_vs_orders
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.resources import PostgresResource, RedisResource
+
+
+@dg.asset_check(asset=lookup_cache, description="""
+The snapshot is in Redis, has time to live left, and holds exactly the rows of the Postgres
+lookup tables.""")
+def lookup_cache_fresh(redis: RedisResource, postgres: PostgresResource) -> dg.AssetCheckResult:
+    cache = LookupCache(redis.client(), redis.key_space(), redis.lookup_ttl_seconds)
+    info = cache.info()
+    with postgres.connection() as conn:
+        expected = cache.source_counts(conn)
+    cached = {name: int(info.get(f"rows:{name}", -1)) for name in expected}
+    ttl = info.get("ttl_seconds", -2)
+    return dg.AssetCheckResult(
+        passed=bool(info) and ttl > 0 and cached == expected,
+        metadata={"ttl_seconds_left": ttl, "age_seconds": info.get("age_seconds", -1),
+                  **{f"cached_{k}": v for k, v in cached.items()},
+                  **{f"postgres_{k}": v for k, v in expected.items()}},
+    )
+
+
+@dg.asset_check(asset=promoted_orders, blocking=True, description="""
+`orders_staging` holds no rows of batches that were already promoted: promotion removed
+exactly what it moved. Blocking: the views are not refreshed if this fails.""")
+def staging_holds_no_promoted_rows(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn:
+        leftover, staged_waiting = conn.execute("""
+            SELECT count(*) FILTER (WHERE b.status = 'promoted'),
+                   count(*) FILTER (WHERE b.status = 'staged')
+            FROM orders_staging s JOIN ingest_batches b USING (batch_id)""").fetchone()
+    return dg.AssetCheckResult(passed=leftover == 0, metadata={
+        "promoted_rows_left_in_staging": leftover, "rows_awaiting_promotion": staged_waiting})
+
+
+def _view_check(view: dg.AssetsDefinition, name: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=view, name=f"{name}_matches_orders", description=f"""
+Order count, units and revenue summed over `{name}` equal those of `orders`, read in one
+snapshot: the view answers exactly what a full recompute would.""")
+    def check(postgres: PostgresResource) -> dg.AssetCheckResult:
+        with postgres.connection() as conn:
+            of_view, of_orders = view_vs_orders(conn, name)
+        return dg.AssetCheckResult(passed=of_view == of_orders, metadata={
+            "view_order_count": of_view.orders, "orders_order_count": of_orders.orders,
+            "view_units": of_view.units, "orders_units": of_orders.units,
+            "view_revenue_usd": float(of_view.revenue_usd),
+            "orders_revenue_usd": float(of_orders.revenue_usd),
+        })
+
+    return check
+
+
+sales_hourly_matches_orders = _view_check(sales_hourly, "sales_hourly")
+product_performance_daily_matches_orders = _view_check(product_performance_daily,
+                                                       "product_performance_daily")
