@@ -193,7 +193,8 @@ def enrich(rows: pl.DataFrame, lookups: dict[str, pl.DataFrame]
               .with_columns(
                   unit_price.alias("unit_price"),
                   total.alias("total_amount"),
-                  (total * rate).round(2).cast(pl.Decimal(22, 2)).alias("total_amount_usd"),
+                  (total * rate).round(2, mode="half_away_from_zero")
+                  .cast(pl.Decimal(22, 2)).alias("total_amount_usd"),
                   pl.col("shipping_zone").cast(pl.Int16),
               ).drop("reason", "rate_to_usd"))
     return staged, invalid
