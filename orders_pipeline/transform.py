@@ -85,6 +85,11 @@ def _parse_one(raw: bytes) -> dict[str, object]:
                 value = float(value) if abs(value) < 1e300 else math.inf
             else:
                 raise _PayloadError(f"{name} is out of range")
+        if isinstance(value, str) and not value.isascii():
+            try:  # JSON may escape a lone surrogate (\ud800), which no column can hold
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _PayloadError(f"{name} contains an unpaired surrogate") from None
         out[name] = value
     return out
 
@@ -207,7 +212,8 @@ def rejects_from(reasons: pl.DataFrame, payloads: Sequence[bytes]) -> pl.DataFra
         "batch_position": positions,
         "raw_payload": [payloads[p] for p in positions],
         "reason": reasons["reason"],
-        "order_id": reasons["order_id"],
+        # Informational only (raw_payload is exact), and Postgres text cannot hold NUL.
+        "order_id": reasons["order_id"].str.replace_all("\x00", "\ufffd", literal=True),
     }, schema=REJECT_SCHEMA)
 
 

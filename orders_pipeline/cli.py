@@ -1,0 +1,505 @@
+"""`orders-pipeline`: run, inspect and benchmark the pipeline from a shell.
+
+Every command reads its configuration from the environment (and `.env`), checks that the
+servers it needs answer before doing anything, and turns the failures people actually meet
+(server down, wrong password, schema or cache not initialised, bad config) into one line on
+stderr and a non-zero exit code instead of a traceback.
+"""
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import psycopg
+import redis
+from psycopg_pool import PoolTimeout
+from tqdm import tqdm
+
+from orders_pipeline import generator, pipeline
+from orders_pipeline.benchmark import glob_escape, render_benchmark, run_benchmark, unlink_matching
+from orders_pipeline.connections import close_all, pg_connect, redis_client
+from orders_pipeline.postgres_patterns.schema import (
+    SchemaMissing,
+    apply_schema,
+    ensure_database,
+    require_schema,
+)
+from orders_pipeline.redis_patterns.backpressure import Backpressure
+from orders_pipeline.redis_patterns.dedup import DedupWindow
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import (
+    LOOKUP_TABLES,
+    LookupCache,
+    LookupCacheMissing,
+)
+from orders_pipeline.redis_patterns.queue import OrderQueue
+from orders_pipeline.redis_patterns.signals import CompletionSignals
+from orders_pipeline.settings import ConfigError, PostgresSettings, Settings, load_env_file
+from orders_pipeline.stats import collect_stats, render_stats
+
+PROG = "orders-pipeline"
+PREFLIGHT_TIMEOUT_SECONDS = 3
+CLEAR_SCREEN = "\033[H\033[2J"
+
+
+class CliError(Exception):
+    """An expected failure, already phrased for the user."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def _out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def _endpoint(pg: PostgresSettings, *, via_pgbouncer: bool = False) -> str:
+    """Which server a connection goes to, as users know it: "Postgres at host:port"."""
+    params = pg.conninfo(via_pgbouncer=via_pgbouncer)
+    server = "PgBouncer" if via_pgbouncer else "Postgres"
+    return f"{server} at {params['host']}:{params['port']}"
+
+
+def _postgres_error(exc: psycopg.OperationalError, pg: PostgresSettings, endpoint: str) -> str:
+    """One line saying what went wrong reaching Postgres, without libpq's multi-line text."""
+    text = " ".join(str(exc).split())
+    if "password authentication failed" in text or "no password supplied" in text:
+        return f"password authentication failed for user {pg.user!r} ({endpoint})"
+    if "does not exist" in text and "database" in text:
+        return (f"database {pg.dbname!r} does not exist ({endpoint}); "
+                f"run `{PROG} init-db`")
+    reason = text.rsplit("failed: ", 1)[-1].split(" Is the server running")[0].strip()
+    if reason.startswith("FATAL:"):
+        return f"{endpoint} refused the connection ({reason[6:].strip()})"
+    return f"cannot reach {endpoint} ({reason.rstrip('.')})"
+
+
+def _redis_error(exc: redis.RedisError, settings: Settings) -> str:
+    endpoint = f"{settings.redis.host}:{settings.redis.port}"
+    if isinstance(exc, redis.AuthenticationError):
+        if settings.redis.password is None:
+            return f"Redis at {endpoint} requires a password (set REDIS_PASSWORD): {exc}"
+        return f"wrong Redis password for {endpoint} ({exc})"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        reason = cause.strerror or str(cause) or type(cause).__name__
+    else:
+        reason = str(exc).rstrip(".") or type(exc).__name__
+    return f"cannot reach Redis at {endpoint} ({reason})"
+
+
+def _check_postgres(settings: Settings, *, admin: bool = False, pooled: bool = False) -> None:
+    """Fail within seconds when Postgres (or PgBouncer) is down, before any pool waits 15 s."""
+    pg = settings.postgres
+    targets = [False, True] if pooled and pg.use_pgbouncer else [False]
+    for via_pgbouncer in targets:
+        params = {**pg.conninfo(via_pgbouncer=via_pgbouncer),
+                  "connect_timeout": PREFLIGHT_TIMEOUT_SECONDS}
+        if admin:
+            params["dbname"] = "postgres"
+        try:
+            psycopg.connect(**params).close()
+        except psycopg.OperationalError as exc:
+            raise CliError(_postgres_error(exc, pg, _endpoint(pg, via_pgbouncer=via_pgbouncer))
+                           ) from exc
+
+
+def _check_redis(settings: Settings) -> redis.Redis:
+    client = redis_client(settings.redis)
+    client.ping()
+    return client
+
+
+def _keys(settings: Settings) -> RedisKeys:
+    return RedisKeys(settings.redis.key_prefix)
+
+
+def _require_schema(settings: Settings) -> None:
+    with pg_connect(settings.postgres) as conn:
+        require_schema(conn)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """A `should_stop` that turns true on Ctrl-C or SIGTERM, so loops can finish cleanly."""
+    stopped = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopped
+        stopped = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: stopped
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_init_db(settings: Settings, args: argparse.Namespace) -> int:
+    _check_postgres(settings, admin=True)
+    created = ensure_database(settings.postgres)
+    with pg_connect(settings.postgres) as conn:
+        applied = apply_schema(conn)
+    state = "created" if created else "already existed"
+    _out(f"database {settings.postgres.dbname!r} {state}")
+    _out(f"applied (idempotent): {', '.join(applied) or 'nothing: no sql/*.sql found'}")
+    return 0
+
+
+def cmd_init_cache(settings: Settings, args: argparse.Namespace) -> int:
+    if args.all:
+        cmd_init_db(settings, args)
+    else:
+        _check_postgres(settings)
+    client = _check_redis(settings)
+    cache = LookupCache(client, _keys(settings), settings.pipeline.lookup_ttl_seconds)
+    with pg_connect(settings.postgres) as conn:
+        require_schema(conn)
+        info = cache.load_snapshot(conn)
+    for table, rows in info.rows.items():
+        _out(f"{table:<12} {rows:>8,} rows")
+    _out(f"lookup snapshot loaded under {settings.redis.key_prefix}:lookup:* in "
+         f"{info.seconds:.2f} s (TTL {settings.pipeline.lookup_ttl_seconds:,} s)")
+    return 0
+
+
+def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
+    _check_postgres(settings)
+    client = _check_redis(settings)
+    with pg_connect(settings.postgres) as conn:
+        require_schema(conn)
+        refs = generator.References.load(conn)
+    keys = _keys(settings)
+    max_depth = settings.pipeline.max_queue_depth
+    batch_size = args.batch_size or settings.pipeline.batch_size
+    with tqdm(total=args.count, desc="push", unit="order", file=sys.stderr,
+              disable=not _tty()) as bar:
+        def on_wait(depth: int) -> None:
+            tqdm.write(f"queue depth {depth:,} over MAX_QUEUE_DEPTH={max_depth:,}, waiting…",
+                       file=sys.stderr)
+
+        summary = generator.generate(
+            OrderQueue(client, keys, settings.pipeline.claim_timeout_seconds),
+            Backpressure(client, keys, max_depth), refs, args.count,
+            batch_size=batch_size, duplicates=args.duplicates, invalid=args.invalid,
+            burst=args.burst, seed=args.seed, on_progress=bar.update, on_wait=on_wait)
+    _out(f"pushed {summary.pushed:,} orders onto {keys.ingestion} in {summary.batches:,} "
+         f"batches of up to {batch_size:,}")
+    _out(f"  unique valid {summary.unique_valid:,}, duplicates {summary.duplicates:,}, "
+         f"invalid {summary.invalid:,}")
+    _out(f"  {summary.seconds:.2f} s, {summary.rate:,.0f} orders/s"
+         f" (waited {summary.backpressure_seconds:.1f} s for backpressure)")
+    return 0
+
+
+def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
+    _check_postgres(settings, pooled=True)
+    client = _check_redis(settings)
+    _require_schema(settings)
+    workers = args.workers or settings.pipeline.worker_count
+    batch_size = args.batch_size or settings.pipeline.batch_size
+    depth = OrderQueue(client, _keys(settings)).depth()
+    with tqdm(total=depth, desc="stage", unit="order", file=sys.stderr,
+              disable=not _tty()) as bar:
+        stats = pipeline.stage_queue(settings, workers=workers, batch_size=batch_size,
+                                     max_batches=args.iterations,
+                                     on_batch=lambda report: bar.update(report.claimed))
+    _out(f"staged with {workers} worker(s), batch size {batch_size:,}: "
+         f"{stats.batches:,} batches ({stats.reclaimed_batches:,} reclaimed)")
+    _out(f"  claimed {stats.claimed:,}, duplicates {stats.duplicates:,}, rejected "
+         f"{stats.rejected:,}, staged {stats.staged:,}")
+    _out(f"  {stats.seconds:.2f} s, {stats.rows_per_second:,.0f} rows/s")
+    if stats.staged:
+        _out(f"run `{PROG} promote` to move the staged rows into orders")
+    return 0
+
+
+def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
+    _check_postgres(settings, pooled=True)
+    _check_redis(settings)
+    _require_schema(settings)
+    result = pipeline.promote_staged(settings)
+    _out(f"promoted {len(result.promoted_batches):,} batches: inserted "
+         f"{result.inserted_rows:,} rows into orders, {result.conflicts:,} conflicts "
+         f"(already there), {len(result.lost_batches):,} lost batches requeued"
+         f" in {result.seconds:.2f} s")
+    return 0
+
+
+def cmd_refresh(settings: Settings, args: argparse.Namespace) -> int:
+    _check_postgres(settings)
+    _require_schema(settings)
+    for view, seconds in pipeline.refresh_all_views(settings).items():
+        _out(f"{view:<28} refreshed in {seconds:.3f} s")
+    return 0
+
+
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    _check_postgres(settings)
+    _check_redis(settings)
+    if args.json:
+        _out(json.dumps(collect_stats(settings), default=str))
+        return 0
+    if not args.watch:
+        _out(render_stats(collect_stats(settings)))
+        return 0
+    previous: tuple[float, int] | None = None
+    try:
+        while True:
+            stats = collect_stats(settings)
+            now = time.monotonic()
+            if previous is None:
+                throughput = "throughput: measuring…"
+            else:
+                rate = (stats["orders_rows"] - previous[1]) / (now - previous[0])
+                throughput = f"throughput: {rate:,.0f} orders/s into orders"
+            previous = (now, stats["orders_rows"])
+            print(f"{CLEAR_SCREEN}{render_stats(stats)}\n\n{throughput}  "
+                  f"(every {args.interval:g} s, Ctrl-C to stop)", flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_benchmark(settings: Settings, args: argparse.Namespace) -> int:
+    _check_postgres(settings, admin=True, pooled=True)
+    _check_redis(settings)
+    result = run_benchmark(
+        settings, total=args.total, batch_size=args.batch_size or settings.pipeline.batch_size,
+        workers=args.workers or settings.pipeline.worker_count, duplicates=args.duplicates,
+        invalid=args.invalid, show_progress=_tty())
+    _out(render_benchmark(result))
+    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _out(f"results written to {args.output}")
+    orders = result["orders"]
+    if not orders["verified"]:
+        raise CliError(f"benchmark lost orders: {orders['orders_rows']:,} in orders, expected "
+                       f"{orders['unique_valid']:,}")
+    return 0
+
+
+def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    client = _check_redis(settings)
+    keys = _keys(settings)
+    print(f"bridging {keys.signals_channel} into {keys.signals_stream}; Ctrl-C to stop",
+          file=sys.stderr, flush=True)
+    with _stop_on_signals() as should_stop:
+        bridged = CompletionSignals(client, keys).bridge_published(should_stop)
+    _out(f"bridged {bridged:,} signals into {keys.signals_stream}")
+    return 0
+
+
+def _clear_queue(client: redis.Redis, keys: RedisKeys) -> dict[str, int]:
+    """Queue state: pending and in-flight orders, counters, rate window, signal log."""
+    prefix = glob_escape(keys.prefix)
+    named = {name: getattr(keys, name) for name in
+             ("ingestion", "inflight", "owners", "staged", "counters", "order_window",
+              "signals_stream")}
+    removed = {key: int(client.unlink(key)) for key in named.values()}
+    removed[f"{keys.prefix}:batch:*"] = unlink_matching(client, f"{prefix}:batch:*")
+    removed[f"{keys.prefix}:signal:*"] = unlink_matching(client, f"{prefix}:signal:*")
+    return removed
+
+
+def cmd_clear(settings: Settings, args: argparse.Namespace) -> int:
+    if not (args.cache or args.dedup or args.queue or args.all):
+        args.parser.print_help(sys.stderr)
+        return 2
+    client = _check_redis(settings)
+    keys = _keys(settings)
+    if args.cache or args.all:
+        cache = LookupCache(client, keys, settings.pipeline.lookup_ttl_seconds)
+        present = int(client.exists(*(keys.lookup(t.name) for t in LOOKUP_TABLES),
+                                    keys.lookup_meta))
+        cache.clear()
+        _out(f"lookup cache: removed {present} keys ({keys.prefix}:lookup:*)")
+    if args.dedup or args.all:
+        removed = DedupWindow(client, keys, settings.pipeline.dedup_window_seconds).clear()
+        _out(f"dedup window: removed {removed:,} keys ({keys.dedup_id_prefix}*, "
+             f"{keys.dedup_count_prefix}*)")
+    if args.queue or args.all:
+        for key, count in _clear_queue(client, keys).items():
+            _out(f"queue: removed {count:,} x {key}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Orders pipeline: Redis queue → Polars → Postgres staging → orders → "
+                    "views. Configuration comes from environment variables and `.env` "
+                    "(see .env.example).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[Settings, argparse.Namespace], int],
+                help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler, parser=sub)
+        return sub
+
+    command("init-db", cmd_init_db,
+            "Create the database if needed and apply sql/*.sql (idempotent).")
+
+    sub = command("init-cache", cmd_init_cache,
+                  "Snapshot products, currencies and zip codes from Postgres into Redis.")
+    sub.add_argument("--all", action="store_true", help="run init-db first")
+
+    sub = command("generate", cmd_generate,
+                  "Push realistic orders onto the ingestion queue, respecting backpressure.")
+    sub.add_argument("--count", type=_positive_int, required=True, metavar="N",
+                     help="number of payloads to push (duplicates and invalid included)")
+    sub.add_argument("--duplicates", type=_fraction, default=0.0, metavar="F",
+                     help="fraction of payloads that repeat an earlier order (default 0)")
+    sub.add_argument("--invalid", type=_fraction, default=0.0, metavar="F",
+                     help="fraction of payloads that must be rejected (default 0)")
+    sub.add_argument("--burst", action="store_true",
+                     help="stamp every order with the current time instead of spreading "
+                          "them over the last hour")
+    sub.add_argument("--batch-size", type=_positive_int, metavar="B",
+                     help="orders per pushed batch and signal (default BATCH_SIZE)")
+    sub.add_argument("--seed", type=int, metavar="S",
+                     help="random seed, for reproducible orders")
+
+    sub = command("process", cmd_process,
+                  "Drain the queue into orders_staging with N worker processes "
+                  "(does not promote; run `promote` next).")
+    sub.add_argument("--workers", type=_positive_int, metavar="N",
+                     help="worker processes (default WORKER_COUNT; 1 = in this process)")
+    sub.add_argument("--batch-size", type=_positive_int, metavar="B",
+                     help="orders claimed per batch (default BATCH_SIZE)")
+    sub.add_argument("--iterations", type=_positive_int, metavar="K",
+                     help="stop each worker after K batches (default: until the queue is "
+                          "empty)")
+
+    command("promote", cmd_promote,
+            "Move staged batches into orders (idempotent) and release them from Redis.")
+    command("refresh", cmd_refresh,
+            "Refresh the materialized views concurrently (readers are not blocked).")
+
+    sub = command("stats", cmd_stats, "Show queue, Redis, Postgres and view numbers.")
+    sub.add_argument("--watch", action="store_true",
+                     help="redraw every --interval seconds until Ctrl-C, with throughput")
+    sub.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
+                     help="seconds between redraws with --watch (default 2)")
+    sub.add_argument("--json", action="store_true",
+                     help="print one JSON object instead of the table")
+
+    sub = command("benchmark", cmd_benchmark,
+                  "Time every stage on a throwaway database and key prefix (both removed "
+                  "afterwards).")
+    sub.add_argument("--total", type=_positive_int, required=True, metavar="N",
+                     help="orders to push through the pipeline")
+    sub.add_argument("--batch-size", type=_positive_int, metavar="B",
+                     help="orders per batch (default BATCH_SIZE)")
+    sub.add_argument("--workers", type=_positive_int, metavar="N",
+                     help="staging worker processes (default WORKER_COUNT)")
+    sub.add_argument("--duplicates", type=_fraction, default=0.0, metavar="F",
+                     help="fraction of duplicate payloads (default 0)")
+    sub.add_argument("--invalid", type=_fraction, default=0.0, metavar="F",
+                     help="fraction of invalid payloads (default 0)")
+    sub.add_argument("--output", type=Path, default=Path("benchmark-results.json"),
+                     metavar="PATH", help="where to write the JSON results "
+                                          "(default benchmark-results.json)")
+
+    command("listen", cmd_listen,
+            "Bridge completion signals that upstream systems only PUBLISH into the durable "
+            "signal stream, until Ctrl-C.")
+
+    sub = command("clear", cmd_clear,
+                  "Delete Redis state of the configured key prefix only (nothing in "
+                  "Postgres).")
+    sub.add_argument("--cache", action="store_true", help="the lookup snapshot")
+    sub.add_argument("--dedup", action="store_true", help="the dedup window")
+    sub.add_argument("--queue", action="store_true",
+                     help="queued, in-flight and staged batches, counters, rate window, "
+                          "signal log (orders still queued are LOST)")
+    sub.add_argument("--all", action="store_true", help="all of the above")
+    return parser
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def _run(args: argparse.Namespace) -> int:
+    load_env_file()
+    settings = Settings.from_env()
+    try:
+        return args.handler(settings, args)
+    except psycopg.OperationalError as exc:
+        raise CliError(_postgres_error(exc, settings.postgres,
+                                       _endpoint(settings.postgres))) from exc
+    except PoolTimeout as exc:
+        endpoint = _endpoint(settings.postgres, via_pgbouncer=settings.postgres.use_pgbouncer)
+        raise CliError(f"no connection from the pool to {endpoint} ({exc})") from exc
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise CliError(_redis_error(exc, settings)) from exc
+    except SchemaMissing as exc:
+        raise CliError(f"database {settings.postgres.dbname!r} is not initialised: {exc}"
+                       ) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code (argparse exits 2 on bad usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (CliError, LookupCacheMissing, pipeline.WorkerFailed) as exc:
+        message, code = str(exc), 1
+    except ConfigError as exc:
+        message, code = f"bad configuration: {exc}", 1
+    except ValueError as exc:
+        message, code = str(exc), 1
+    except KeyboardInterrupt:
+        message, code = "interrupted", 130
+    finally:
+        close_all()
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,190 @@
+"""Pipeline health in one snapshot: queue, Redis, Postgres, views, and whether orders balance.
+
+Dagster-free so that the CLI (`orders-pipeline stats`) and anything else can call it. The
+numbers come from one direct Postgres connection and the pooled Redis client; they are read
+one after another, not atomically, so while the pipeline runs the balance may be off by what
+moved in between.
+"""
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from psycopg import sql
+
+from orders_pipeline.connections import pg_connect, redis_client
+from orders_pipeline.postgres_patterns.schema import require_schema
+from orders_pipeline.postgres_patterns.views import VIEWS
+from orders_pipeline.redis_patterns.backpressure import Backpressure
+from orders_pipeline.redis_patterns.dedup import DedupWindow
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.redis_patterns.order_window import OrderRateWindow
+from orders_pipeline.settings import Settings
+
+SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+_ROW_COUNTS = {"staging_rows": "orders_staging", "orders_rows": "orders",
+               "rejected_rows": "orders_rejected",
+               **{f"{view}_rows": view for view in VIEWS}}
+# Where every accepted order is once the pipeline is at rest (see `_conservation`).
+CONSERVATION_TERMS = ("orders_rows", "promotion_conflicts", "rejected_rows",
+                      "duplicates_dropped", "staging_rows", "queue_depth", "claimed_orders")
+
+
+def _batch_orders(client: redis.Redis, keys: RedisKeys, batch_set: str) -> tuple[int, int]:
+    """(batches, orders held in them) for the batches listed in one sorted set."""
+    ids = client.zrange(batch_set, 0, -1)
+    if not ids:
+        return 0, 0
+    pipe = client.pipeline(transaction=False)
+    for batch_id in ids:
+        pipe.llen(keys.batch(batch_id.decode()))
+    return len(ids), sum(pipe.execute())
+
+
+def _postgres_numbers(settings: Settings) -> dict[str, int]:
+    with pg_connect(settings.postgres) as conn:
+        require_schema(conn)
+        counts = sql.SQL(", ").join(
+            sql.SQL("(SELECT count(*) FROM {})").format(sql.Identifier(table))
+            for table in _ROW_COUNTS.values())
+        row = conn.execute(sql.SQL("SELECT {}").format(counts)).fetchone()
+        duplicates, conflicts = conn.execute(
+            "SELECT (SELECT coalesce(sum(duplicate_rows), 0) FROM ingest_batches),"
+            " (SELECT coalesce(sum(staged_rows - inserted_rows), 0) FROM promotions)"
+        ).fetchone()
+        conn.rollback()
+    return {**dict(zip(_ROW_COUNTS, map(int, row), strict=True)),
+            "duplicates_dropped": int(duplicates), "promotion_conflicts": int(conflicts)}
+
+
+def _conservation(stats: dict[str, Any]) -> dict[str, Any]:
+    """Every accepted order is in exactly one place, or the books do not balance.
+
+    A staged batch's rejects and duplicates are already in Postgres while its payloads are
+    still in Redis, so its pending rows count as `staging_rows`, and only batches that are
+    claimed but not staged count as in Redis (`claimed_orders`).
+    """
+    terms = {name: stats[name] for name in CONSERVATION_TERMS}
+    accounted = sum(terms.values())
+    return {"accepted": stats["accepted"], "accounted": accounted, "terms": terms,
+            "difference": stats["accepted"] - accounted,
+            "balanced": stats["accepted"] == accounted}
+
+
+def collect_stats(settings: Settings) -> dict[str, Any]:
+    """A snapshot of the pipeline; raises SchemaMissing before `init-db` was run."""
+    postgres = _postgres_numbers(settings)
+    client = redis_client(settings.redis)
+    keys = RedisKeys(settings.redis.key_prefix)
+    tuning = settings.pipeline
+    now = time.time()
+    claimed_batches, claimed_orders = _batch_orders(client, keys, keys.inflight)
+    staged_batches, staged_orders = _batch_orders(client, keys, keys.staged)
+    per_minute = OrderRateWindow(client, keys).per_minute(now)
+    cache = LookupCache(client, keys, tuning.lookup_ttl_seconds)
+    stats: dict[str, Any] = {
+        "collected_at": datetime.fromtimestamp(now, UTC).isoformat(),
+        "key_prefix": settings.redis.key_prefix,
+        "database": settings.postgres.dbname,
+        "queue_depth": int(client.llen(keys.ingestion)),
+        "in_flight": claimed_orders + staged_orders,
+        "in_flight_batches": claimed_batches,
+        "claimed_orders": claimed_orders,
+        "staged_batches": staged_batches,
+        "staged_orders": staged_orders,
+        "backpressure_active": Backpressure(client, keys, tuning.max_queue_depth).is_active(),
+        "max_queue_depth": tuning.max_queue_depth,
+        "accepted": int(client.hget(keys.counters, "accepted") or 0),
+        "backpressure_waits": int(client.hget(keys.counters, "backpressure_waits") or 0),
+        "dedup_window_size": DedupWindow(client, keys, tuning.dedup_window_seconds).size(),
+        "lookup_cache_size": cache.size(),
+        "lookup_cache_age_seconds": cache.info().get("age_seconds"),
+        "orders_per_minute_last_hour": sum(per_minute.values()),
+        "orders_per_minute": [
+            {"minute": datetime.fromtimestamp(minute, UTC).isoformat(), "count": count}
+            for minute, count in per_minute.items()],
+        **postgres,
+    }
+    stats["conservation"] = _conservation(stats)
+    return stats
+
+
+def sparkline(values: list[int]) -> str:
+    """One block per value, scaled to the largest; a blank for zero so gaps stay visible."""
+    top = max(values, default=0)
+    if top <= 0:
+        return " " * len(values)
+    last = len(SPARK_BLOCKS) - 1
+    return "".join(" " if v <= 0 else SPARK_BLOCKS[max(0, round(v / top * last))]
+                   for v in values)
+
+
+def _minute_series(stats: dict[str, Any]) -> list[int]:
+    """Orders per minute for each of the last 61 minutes (the window's span), oldest first."""
+    now = int(datetime.fromisoformat(stats["collected_at"]).timestamp())
+    first = (now - 3600) // 60 * 60
+    counts = {int(datetime.fromisoformat(m["minute"]).timestamp()): m["count"]
+              for m in stats["orders_per_minute"]}
+    return [counts.get(minute, 0) for minute in range(first, now // 60 * 60 + 1, 60)]
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def render_stats(stats: dict[str, Any]) -> str:
+    """The snapshot as an aligned text table, for people rather than programs."""
+    balance = stats["conservation"]
+    age = stats["lookup_cache_age_seconds"]
+    sections: list[tuple[str, list[tuple[str, Any]]]] = [
+        ("Queue", [
+            ("queue depth", stats["queue_depth"]),
+            ("max queue depth", stats["max_queue_depth"]),
+            ("backpressure active", stats["backpressure_active"]),
+            ("in flight (orders)", stats["in_flight"]),
+            ("claimed batches", stats["in_flight_batches"]),
+            ("staged batches", stats["staged_batches"]),
+        ]),
+        ("Redis", [
+            ("accepted (all time)", stats["accepted"]),
+            ("dedup window size", stats["dedup_window_size"]),
+            ("lookup cache size", stats["lookup_cache_size"]),
+            ("lookup cache age", "not loaded" if age is None else f"{age:,.0f} s"),
+            ("orders last hour", stats["orders_per_minute_last_hour"]),
+        ]),
+        ("Postgres", [
+            ("staging rows", stats["staging_rows"]),
+            ("orders rows", stats["orders_rows"]),
+            ("rejected rows", stats["rejected_rows"]),
+            ("duplicates dropped", stats["duplicates_dropped"]),
+            ("promotion conflicts", stats["promotion_conflicts"]),
+        ]),
+        ("Views", [(f"{view} rows", stats[f"{view}_rows"]) for view in VIEWS]),
+        ("Conservation", [
+            *((f"  {name}", value) for name, value in balance["terms"].items()),
+            ("accounted", balance["accounted"]),
+            ("accepted", balance["accepted"]),
+            ("balanced", "yes" if balance["balanced"]
+             else f"NO (difference {balance['difference']:+,})"),
+        ]),
+    ]
+    label_width = max(len(label) for _, rows in sections for label, _ in rows)
+    value_width = max(len(_number(value)) for _, rows in sections for _, value in rows)
+    lines = [f"orders_pipeline stats  {stats['collected_at']}  "
+             f"(prefix {stats['key_prefix']!r}, database {stats['database']!r})"]
+    for title, rows in sections:
+        lines.append(f"\n{title}")
+        lines += [f"  {label:<{label_width}}  {_number(value):>{value_width}}"
+                  for label, value in rows]
+    series = _minute_series(stats)
+    lines += ["\nOrders per minute, last hour (by order time)",
+              f"  │{sparkline(series)}│ peak {max(series, default=0):,}/min"]
+    return "\n".join(lines)

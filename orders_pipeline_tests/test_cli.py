@@ -1,0 +1,222 @@
+"""The `orders-pipeline` CLI against the real servers, configured only through env vars.
+
+Most commands run in-process through `main()` with the test's database and key prefix in the
+environment; a few run as real subprocesses to check exit codes and the one-line errors.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from orders_pipeline.cli import main
+from orders_pipeline.connections import pg_connect
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.settings import Settings
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("orders-pipeline")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that make the CLI use exactly these settings."""
+    pg, rd, tuning = settings.postgres, settings.redis, settings.pipeline
+    return {
+        "POSTGRES_HOST": pg.host, "POSTGRES_PORT": str(pg.port), "POSTGRES_USER": pg.user,
+        "POSTGRES_PASSWORD": pg.password or "", "POSTGRES_DB": pg.dbname,
+        "PGBOUNCER_HOST": pg.pgbouncer_host, "PGBOUNCER_PORT": str(pg.pgbouncer_port),
+        "USE_PGBOUNCER": str(pg.use_pgbouncer).lower(),
+        "REDIS_HOST": rd.host, "REDIS_PORT": str(rd.port), "REDIS_DB": str(rd.db),
+        "REDIS_PASSWORD": rd.password or "", "REDIS_SSL": str(rd.ssl).lower(),
+        "REDIS_KEY_PREFIX": rd.key_prefix,
+        "BATCH_SIZE": str(tuning.batch_size), "WORKER_COUNT": str(tuning.worker_count),
+        "DEDUP_WINDOW_SECONDS": str(tuning.dedup_window_seconds),
+        "MAX_QUEUE_DEPTH": str(tuning.max_queue_depth),
+        "LOOKUP_TTL_SECONDS": str(tuning.lookup_ttl_seconds),
+        "CLAIM_TIMEOUT_SECONDS": str(tuning.claim_timeout_seconds),
+    }
+
+
+@pytest.fixture
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Point the CLI at the test's database and prefix; run from a directory with no `.env`."""
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def extra_db(settings: Settings) -> Iterator[str]:
+    """The name of a second database of this test, dropped afterwards whatever happened."""
+    name = f"{settings.postgres.dbname}_x"
+    yield name
+    with pg_connect(replace(settings.postgres, dbname="postgres")) as conn:
+        conn.autocommit = True
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                     .format(sql.Identifier(name)))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("orders-pipeline: error: "), err
+    return lines[0]
+
+
+def scalar(conn: psycopg.Connection, query: str) -> int:
+    return int(conn.execute(query).fetchone()[0])
+
+
+def schema_fingerprint(conn: psycopg.Connection) -> tuple[int, ...]:
+    return tuple(scalar(conn, q) for q in (
+        "SELECT count(*) FROM products", "SELECT count(*) FROM currencies",
+        "SELECT count(*) FROM zip_codes",
+        "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace",
+        "SELECT count(*) FROM pg_constraint WHERE connamespace = 'public'::regnamespace",
+    ))
+
+
+def test_init_db_creates_then_changes_nothing(
+        settings: Settings, cli_env: Path, extra_db: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("POSTGRES_DB", extra_db)
+    code, out, _ = run(capsys, "init-db")
+    assert code == 0 and "created" in out and "010_schema.sql" in out
+    with pg_connect(replace(settings.postgres, dbname=extra_db)) as conn:
+        before = schema_fingerprint(conn)
+    code, out, _ = run(capsys, "init-db")
+    assert code == 0 and "already existed" in out
+    with pg_connect(replace(settings.postgres, dbname=extra_db)) as conn:
+        assert schema_fingerprint(conn) == before
+    assert before[0] >= 1000 and before[3] > 10
+
+
+def test_generate_process_promote_refresh_then_stats_balance(
+        settings: Settings, cli_env: Path, pg: psycopg.Connection, rconn: redis.Redis,
+        keys: RedisKeys, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "init-cache")
+    lookup_rows = sum(schema_fingerprint(pg)[:3])
+    assert code == 0 and f"{scalar(pg, 'SELECT count(*) FROM products'):,} rows" in out
+
+    code, out, _ = run(capsys, "generate", "--count", "3000", "--duplicates", "0.05",
+                       "--invalid", "0.01", "--seed", "7")
+    assert code == 0 and "unique valid 2,820, duplicates 150, invalid 30" in out
+    code, out, _ = run(capsys, "process", "--workers", "2")
+    assert code == 0 and "claimed 3,000, duplicates 150, rejected 30, staged 2,820" in out
+    assert scalar(pg, "SELECT count(*) FROM orders") == 0  # process never promotes
+    code, out, _ = run(capsys, "promote")
+    assert code == 0 and "inserted 2,820 rows" in out
+    code, out, _ = run(capsys, "refresh")
+    assert code == 0 and "sales_hourly" in out and "product_performance_daily" in out
+
+    code, out, _ = run(capsys, "stats", "--json")
+    assert code == 0
+    stats = json.loads(out)
+    assert stats["queue_depth"] == rconn.llen(keys.ingestion) == 0
+    assert stats["in_flight"] == stats["staging_rows"] == 0
+    assert stats["orders_rows"] == scalar(pg, "SELECT count(*) FROM orders") == 2820
+    assert stats["rejected_rows"] == scalar(pg, "SELECT count(*) FROM orders_rejected") == 30
+    assert stats["duplicates_dropped"] == 150 and stats["promotion_conflicts"] == 0
+    assert stats["sales_hourly_rows"] == scalar(pg, "SELECT count(*) FROM sales_hourly") > 0
+    assert (stats["product_performance_daily_rows"]
+            == scalar(pg, "SELECT count(*) FROM product_performance_daily") > 0)
+    assert stats["accepted"] == int(rconn.hget(keys.counters, "accepted")) == 3000
+    assert stats["dedup_window_size"] == 2820
+    assert stats["lookup_cache_size"] == lookup_rows
+    assert 0 < stats["orders_per_minute_last_hour"] <= 2820
+    assert stats["conservation"]["balanced"] and stats["conservation"]["difference"] == 0
+
+    code, out, _ = run(capsys, "stats")
+    assert code == 0 and "Conservation" in out and "balanced" in out
+
+    assert run(capsys, "clear")[0] == 2
+    code, out, _ = run(capsys, "clear", "--queue")
+    assert code == 0 and keys.counters in out
+    assert rconn.exists(keys.ingestion, keys.counters, keys.order_window,
+                        keys.signals_stream) == 0
+    assert LookupCache(rconn, keys, 60).is_loaded()  # --queue leaves the cache alone
+
+
+def test_subprocess_json_and_unreachable_redis(cli_env: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "orders_pipeline", "stats", "--json"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["queue_depth"] == 0
+
+    env = {**os.environ, "REDIS_PORT": "1"}
+    done = subprocess.run([str(CONSOLE_SCRIPT), "stats"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode != 0 and done.stdout == ""
+    assert "cannot reach Redis at" in one_error_line(done.stderr)
+
+
+def test_unreachable_postgres_fails_fast(cli_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("POSTGRES_PORT", "1")
+    for command in ("stats", "process", "init-db"):
+        started = time.monotonic()
+        code, _, err = run(capsys, command)
+        assert code != 0
+        assert "cannot reach Postgres at" in one_error_line(err)
+        assert time.monotonic() - started < 8
+
+
+def test_stats_without_schema_says_init_db(
+        settings: Settings, cli_env: Path, extra_db: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pg_connect(replace(settings.postgres, dbname="postgres")) as conn:
+        conn.autocommit = True
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(extra_db)))
+    monkeypatch.setenv("POSTGRES_DB", extra_db)
+    code, _, err = run(capsys, "stats")
+    assert code != 0 and "run `orders-pipeline init-db`" in one_error_line(err)
+
+
+def test_bad_arguments_and_config(cli_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "generate", "--count", "10", "--duplicates", "0.6",
+                       "--invalid", "0.5")
+    assert code != 0 and "fractions" in one_error_line(err)
+    with pytest.raises(SystemExit) as usage:
+        main(["generate", "--count", "0"])
+    assert usage.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    monkeypatch.setenv("BATCH_SIZE", "lots")
+    code, _, err = run(capsys, "stats")
+    assert code != 0 and "BATCH_SIZE" in one_error_line(err)
+
+
+def test_benchmark_writes_results_and_leaves_nothing_behind(
+        cli_env: Path, pg: psycopg.Connection, rconn: redis.Redis,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    bench_dbs = "SELECT datname FROM pg_database WHERE datname LIKE 'orders\\_bench\\_%'"
+    before = {r[0] for r in pg.execute(bench_dbs)}
+    output = cli_env / "bench.json"
+    code, out, _ = run(capsys, "benchmark", "--total", "5000", "--workers", "2",
+                       "--output", str(output))
+    assert code == 0 and "end-to-end" in out
+    result = json.loads(output.read_text())
+    assert [s["stage"] for s in result["stages"]] == ["build", "push", "stage", "promote",
+                                                      "refresh"]
+    assert all(s["rows_per_second"] > 0 for s in result["stages"])
+    assert result["end_to_end"]["orders_per_second"] > 0
+    assert result["orders"]["verified"] and result["orders"]["orders_rows"] == 5000
+    assert result["peak_rss_kib"]["self"] > 0 and result["machine"]["postgres_server"]
+    after = {r[0] for r in pg.execute(bench_dbs)}
+    assert result["database"] not in after and after <= before
+    assert not list(rconn.scan_iter(match=f"{result['key_prefix']}:*"))
