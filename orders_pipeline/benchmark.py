@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from psycopg import sql
 from tqdm import tqdm
 
@@ -25,32 +24,12 @@ from orders_pipeline import generator, pipeline
 from orders_pipeline.connections import close_all, pg_connect, redis_client
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
 from orders_pipeline.redis_patterns.backpressure import Backpressure
-from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_matching
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
 
 STAGES = ("build", "push", "stage", "promote", "refresh")
-_GLOB_SPECIAL = "\\*?[]"
-
-
-def glob_escape(text: str) -> str:
-    """`text` as a literal inside a Redis MATCH pattern."""
-    return "".join(f"\\{c}" if c in _GLOB_SPECIAL else c for c in text)
-
-
-def unlink_matching(client: redis.Redis, pattern: str, chunk: int = 5000) -> int:
-    """Delete every key matching `pattern` (SCAN, never KEYS); returns how many went."""
-    removed = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=chunk):
-        batch.append(key)
-        if len(batch) >= chunk:
-            removed += client.unlink(*batch)
-            batch = []
-    if batch:
-        removed += client.unlink(*batch)
-    return removed
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from psycopg_pool import PoolTimeout
 from tqdm import tqdm
 
 from orders_pipeline import generator, pipeline
-from orders_pipeline.benchmark import glob_escape, render_benchmark, run_benchmark, unlink_matching
+from orders_pipeline.benchmark import render_benchmark, run_benchmark
 from orders_pipeline.connections import close_all, pg_connect, redis_client
 from orders_pipeline.postgres_patterns.schema import (
     SchemaMissing,
@@ -32,7 +32,7 @@ from orders_pipeline.postgres_patterns.schema import (
 )
 from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.dedup import DedupWindow
-from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_matching
 from orders_pipeline.redis_patterns.lookup_cache import (
     LOOKUP_TABLES,
     LookupCache,

@@ -16,7 +16,7 @@ from psycopg import sql
 
 from orders_pipeline.connections import close_all, pg_connect, redis_client
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
-from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_matching
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.settings import PipelineSettings, PostgresSettings, RedisSettings, Settings
 
@@ -47,9 +47,7 @@ def drop_database(settings: PostgresSettings) -> None:
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=10_000))
-    for start in range(0, len(keys), 5000):
-        client.unlink(*keys[start:start + 5000])
+    unlink_matching(client, f"{glob_escape(prefix)}:*")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import redis
 
-from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_matching
 
 # KEYS: count key of this minute, then one dedup key per order
 # ARGV: ttl, count_ttl, then one token per order
@@ -69,14 +69,5 @@ class DedupWindow:
 
     def clear(self) -> int:
         """Forget every id (CLI `clear --dedup`); returns the number of keys removed."""
-        removed = 0
-        for pattern in (f"{self.keys.dedup_id_prefix}*", f"{self.keys.dedup_count_prefix}*"):
-            batch: list[bytes] = []
-            for key in self.client.scan_iter(match=pattern, count=5000):
-                batch.append(key)
-                if len(batch) >= 5000:
-                    removed += self.client.unlink(*batch)
-                    batch = []
-            if batch:
-                removed += self.client.unlink(*batch)
-        return removed
+        return (unlink_matching(self.client, f"{glob_escape(self.keys.dedup_id_prefix)}*")
+                + unlink_matching(self.client, f"{glob_escape(self.keys.dedup_count_prefix)}*"))

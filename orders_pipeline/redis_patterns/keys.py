@@ -6,7 +6,29 @@ scripts that touch several keys stay on one slot.
 
 from dataclasses import dataclass
 
+import redis
+
 MAX_ORDER_ID_LENGTH = 128
+GLOB_SPECIAL = "\\*?[]"
+
+
+def glob_escape(text: str) -> str:
+    """`text` as a literal inside a Redis MATCH pattern."""
+    return "".join(f"\\{c}" if c in GLOB_SPECIAL else c for c in text)
+
+
+def unlink_matching(client: redis.Redis, pattern: str, chunk: int = 5000) -> int:
+    """Delete every key matching `pattern` (SCAN, never KEYS); returns how many went."""
+    removed = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=chunk):
+        batch.append(key)
+        if len(batch) >= chunk:
+            removed += client.unlink(*batch)
+            batch = []
+    if batch:
+        removed += client.unlink(*batch)
+    return removed
 
 
 @dataclass(frozen=True)
