@@ -21,6 +21,7 @@ from orders_pipeline.redis_patterns.queue import OrderQueue
 PAYLOAD_SCHEMA = {"order_id": pl.String, "customer_id": pl.Int64, "product_id": pl.String,
                   "quantity": pl.Int64, "unit_price": pl.Float64, "currency": pl.String,
                   "zip_code": pl.String, "order_timestamp": pl.String}
+GENERATE_CHUNK = 100_000
 INVALID_KINDS = (
     "bad_json", "missing_field", "negative_quantity", "unknown_product", "unknown_currency",
     "bad_timestamp", "wrong_type", "not_utf8",
@@ -188,11 +189,22 @@ def generate(queue: OrderQueue, backpressure: Backpressure, refs: References, co
              burst: bool = False, seed: int | None = None,
              on_progress: Callable[[int], None] | None = None,
              on_wait: Callable[[int], None] | None = None) -> GenerateSummary:
+    """Build and push `count` orders, `GENERATE_CHUNK` at a time so memory stays bounded."""
     started = time.perf_counter()
-    payloads, mix = build_payloads(refs, count, duplicates=duplicates, invalid=invalid,
-                                   burst=burst, seed=seed)
-    batches, waited = push_payloads(queue, backpressure, payloads, batch_size,
-                                    on_progress=on_progress, on_wait=on_wait)
-    return GenerateSummary(len(payloads), mix["unique_valid"], mix["duplicates"],
-                           mix["invalid"], batches, time.perf_counter() - started, waited)
+    totals = {"pushed": 0, "unique_valid": 0, "duplicates": 0, "invalid": 0, "batches": 0}
+    waited = 0.0
+    for number, start in enumerate(range(0, count, GENERATE_CHUNK)):
+        payloads, mix = build_payloads(
+            refs, min(GENERATE_CHUNK, count - start), duplicates=duplicates, invalid=invalid,
+            burst=burst, seed=None if seed is None else seed + number)
+        batches, chunk_waited = push_payloads(queue, backpressure, payloads, batch_size,
+                                              on_progress=on_progress, on_wait=on_wait)
+        waited += chunk_waited
+        totals["batches"] += batches
+        totals["pushed"] += len(payloads)
+        for name, value in mix.items():
+            totals[name] += value
+    return GenerateSummary(totals["pushed"], totals["unique_valid"], totals["duplicates"],
+                           totals["invalid"], totals["batches"], time.perf_counter() - started,
+                           waited)
 
