@@ -6,6 +6,8 @@ redelivered batch is never a duplicate of itself), and the batch leaves the leas
 its staging transaction commits. It leaves Redis altogether only at promotion.
 """
 
+import contextlib
+import logging
 import os
 import socket
 import time
@@ -14,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import polars as pl
+import psycopg
+import psycopg_pool
 import redis
 
 from orders_pipeline import transform
 from orders_pipeline.connections import pg_pool, redis_client
+from orders_pipeline.faults import crash_point
 from orders_pipeline.postgres_patterns.staging import StageOutcome, StagingBatch, stage_batch
 from orders_pipeline.redis_patterns.dedup import DedupWindow
 from orders_pipeline.redis_patterns.keys import RedisKeys
@@ -25,6 +30,12 @@ from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCache
 from orders_pipeline.redis_patterns.order_window import OrderRateWindow
 from orders_pipeline.redis_patterns.queue import ClaimedBatch, OrderQueue
 from orders_pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+TRANSIENT_RETRIES = 6
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, psycopg.OperationalError,
+    psycopg_pool.PoolTimeout)
 
 
 @dataclass
@@ -101,6 +112,7 @@ class StagingWorker:
                 or self.queue.claim_batch(batch_size, self.owner))
 
     def process(self, batch: ClaimedBatch) -> BatchReport:
+        crash_point("after_claim")
         started = time.perf_counter()
         payloads = batch.payloads
         parsed = transform.parse_payloads(payloads)
@@ -109,6 +121,7 @@ class StagingWorker:
         enriched, unknown = transform.enrich(valid, lookups)
         tokens = [f"{batch.batch_id}:{p}" for p in enriched["batch_position"].to_list()]
         keep = self.dedup.check_and_mark(enriched["order_id"].to_list(), tokens)
+        crash_point("after_dedup")
         staged = enriched.filter(pl.Series(keep, dtype=pl.Boolean)) if keep else enriched
         rejects = pl.concat([
             parsed.rejects,
@@ -118,6 +131,7 @@ class StagingWorker:
         with pg_pool(self.settings.postgres).connection() as conn:
             outcome = stage_batch(conn, StagingBatch(
                 batch.batch_id, len(payloads), staged, rejects, duplicates))
+        crash_point("after_copy")
         self._hand_over(batch, outcome, staged)
         return BatchReport(batch.batch_id, len(payloads), duplicates, rejects.height,
                            staged.height, time.perf_counter() - started, outcome.value,
@@ -140,6 +154,27 @@ class StagingWorker:
         if outcome is StageOutcome.STAGED:
             self.window.add_counts(batch.batch_id, transform.orders_per_minute(staged))
 
+    def _process_with_retries(self, batch: ClaimedBatch) -> BatchReport:
+        """Retry a batch through transient server errors (restarts, dropped connections).
+
+        Processing is idempotent, so retrying is safe; after the last attempt the error
+        propagates and the batch stays in flight, to be reclaimed once its lease expires.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self.process(batch)
+            except TRANSIENT_ERRORS as exc:
+                if attempt >= TRANSIENT_RETRIES:
+                    raise
+                delay = min(0.2 * 2**attempt, 5.0)
+                log.warning("batch %s: %s; retry %d in %.1fs", batch.batch_id[:12],
+                            exc, attempt, delay)
+                time.sleep(delay)
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    self.queue.extend_lease(batch)
+
     def drain(self, batch_size: int, max_batches: int | None = None,
               on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
         """Process batches until the queue is empty (or `max_batches` were processed)."""
@@ -149,7 +184,7 @@ class StagingWorker:
             batch = self.next_batch(batch_size)
             if batch is None:
                 break
-            report = self.process(batch)
+            report = self._process_with_retries(batch)
             stats.add_batch(report)
             if on_batch is not None:
                 on_batch(report)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from orders_pipeline.faults import crash_point
+
 _PROMOTE_LOCK = "orders_pipeline.promote"
 ORDER_COLUMNS = (
     "order_id", "customer_id", "product_id", "quantity", "unit_price", "currency",
@@ -66,6 +68,7 @@ def promote_round(conn: psycopg.Connection, max_batches: int = 400) -> Promotion
         result.lost_batches = [b for b in ledger if b not in set(ready)]
         if ready:
             inserted = conn.execute(_INSERT_ORDERS, (ready,)).rowcount
+            crash_point("mid_promotion")
             conn.execute("DELETE FROM orders_staging WHERE batch_id = ANY(%s)", (ready,))
             conn.execute("UPDATE ingest_batches SET status = 'promoted', promoted_at = now()"
                          " WHERE batch_id = ANY(%s)", (ready,))

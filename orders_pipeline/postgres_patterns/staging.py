@@ -11,6 +11,8 @@ from enum import StrEnum
 import polars as pl
 import psycopg
 
+from orders_pipeline.faults import crash_point
+
 STAGING_COLUMNS = (
     "batch_id", "batch_position", "order_id", "customer_id", "product_id", "quantity",
     "unit_price", "currency", "zip_code", "order_timestamp", "total_amount",
@@ -76,8 +78,12 @@ def stage_batch(conn: psycopg.Connection, batch: StagingBatch) -> StageOutcome:
                 return StageOutcome.ALREADY_STAGED
             conn.execute(_RESTAGE_LEDGER, params)  # 'lost': a crash emptied staging
         if batch.rows.height:
+            data = rows_to_csv(batch.rows, batch.batch_id)
+            middle = len(data) // 2
             with conn.cursor().copy(_COPY_STAGING) as copy:
-                copy.write(rows_to_csv(batch.rows, batch.batch_id))
+                copy.write(data[:middle])
+                crash_point("mid_copy")
+                copy.write(data[middle:])
         if batch.rejects.height:
             r = batch.rejects
             conn.execute(_INSERT_REJECTS, (
