@@ -1,6 +1,5 @@
 """End to end through Dagster: the asset graph on real Redis, PgBouncer and Postgres."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,31 +9,24 @@ import psycopg
 import pytest
 import redis
 
-from orders_pipeline import generator
 from orders_pipeline.assets import checks, lookup, orders, views
 from orders_pipeline.connections import pg_connect
 from orders_pipeline.definitions import defs
-from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
-from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.sensors import completion_signal_sensor
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.dagster_helpers import dagster_env, expected_orders, resources_for
+from orders_pipeline_tests.helpers import (
+    REPO,
+    dagster_env,
+    expected_orders,
+    push_orders,
+    resources_for,
+    valid_order_ids,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 ALL_ASSETS = [*dg.load_assets_from_modules([lookup, orders, views]),
               *dg.load_asset_checks_from_modules([checks])]
-
-
-def _push(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, count: int,
-          **mix: float) -> tuple[list[bytes], dict[str, int]]:
-    refs = generator.References.load(pg)
-    payloads, summary = generator.build_payloads(refs, count, seed=7, **mix)
-    keys = RedisKeys(settings.redis.key_prefix)
-    generator.push_payloads(OrderQueue(rconn, keys), Backpressure(rconn, keys, 10**9),
-                            payloads, batch_size=2000)
-    return payloads, summary
 
 
 def _snapshot(pg: psycopg.Connection) -> dict[str, object]:
@@ -70,7 +62,7 @@ def test_definitions_load_and_validate(settings: Settings, tmp_path: Path) -> No
 
 def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
                                 pg: psycopg.Connection) -> None:
-    payloads, summary = _push(settings, rconn, pg, 20_000, duplicates=0.05, invalid=0.01)
+    payloads, summary = push_orders(settings, rconn, pg, 20_000, duplicates=0.05, invalid=0.01)
     assert summary == {"unique_valid": 18_800, "duplicates": 1_000, "invalid": 200}
     resources = resources_for(settings)
     instance = dg.DagsterInstance.ephemeral()
@@ -79,7 +71,7 @@ def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
     assert result.success
     assert all(e.passed for e in result.get_asset_check_evaluations())
 
-    valid_ids = {json.loads(p)["order_id"] for p in payloads if p.startswith(b'{"order_id":"ord-')}
+    valid_ids = valid_order_ids(payloads)
     assert len(valid_ids) == 18_800
     stored = {r[0]: (r[1], r[2]) for r in pg.execute(
         "SELECT order_id, total_amount, total_amount_usd FROM orders")}
@@ -121,7 +113,7 @@ def test_sensor_one_run_per_signal_and_none_twice(settings: Settings, rconn: red
     context = dg.build_sensor_context(instance=instance, resources=resources)
     assert isinstance(completion_signal_sensor(context), dg.SkipReason)
 
-    _push(settings, rconn, pg, 1_500)  # one batch, one signal
+    push_orders(settings, rconn, pg, 1_500)  # one batch, one signal
     context = dg.build_sensor_context(instance=instance, resources=resources)
     result = completion_signal_sensor(context)
     assert len(result.run_requests) == 1
@@ -132,7 +124,7 @@ def test_sensor_one_run_per_signal_and_none_twice(settings: Settings, rconn: red
     assert isinstance(completion_signal_sensor(again), dg.SkipReason)
 
     # Signals recorded while no tick ran (three batches) are all picked up, in one run.
-    _push(settings, rconn, pg, 5_000)
+    push_orders(settings, rconn, pg, 5_000)
     later = dg.build_sensor_context(cursor=cursor, instance=instance, resources=resources)
     burst = completion_signal_sensor(later)
     assert len(burst.run_requests) == 1
@@ -144,7 +136,7 @@ def test_sensor_one_run_per_signal_and_none_twice(settings: Settings, rconn: red
 def test_ingest_job_runs_from_sensor_request(settings: Settings, rconn: redis.Redis,
                                              pg: psycopg.Connection) -> None:
     """The sensor's job (staged -> promoted -> views) does the whole ingest on its own."""
-    _push(settings, rconn, pg, 3_000, duplicates=0.1)
+    push_orders(settings, rconn, pg, 3_000, duplicates=0.1)
     resources = resources_for(settings)
     with pg_connect(settings.postgres) as conn:
         LookupCache(rconn, RedisKeys(settings.redis.key_prefix), 600).load_snapshot(conn)
@@ -158,7 +150,7 @@ def test_ingest_job_runs_from_sensor_request(settings: Settings, rconn: redis.Re
 @pytest.mark.parametrize("workers", [1, 2])
 def test_staging_config_workers(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
                                 workers: int) -> None:
-    _push(settings, rconn, pg, 4_000)
+    push_orders(settings, rconn, pg, 4_000)
     result = dg.materialize(
         ALL_ASSETS, resources=resources_for(settings), instance=dg.DagsterInstance.ephemeral(),
         run_config=dg.RunConfig(ops={"staged_orders": orders.StagingConfig(

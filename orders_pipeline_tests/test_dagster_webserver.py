@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.dagster_helpers import REPO, dagster_env
+from orders_pipeline_tests.helpers import REPO, dagster_env
 
 ASSET_LINEAGE = {
     "lookup_cache": set(),

@@ -1,0 +1,125 @@
+"""Shared helpers: resources, subprocess environments and independent expectations."""
+
+import json
+import os
+import shutil
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import redis
+
+from orders_pipeline import generator
+from orders_pipeline.redis_patterns.backpressure import Backpressure
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.queue import OrderQueue
+from orders_pipeline.resources import PostgresResource, RedisResource
+from orders_pipeline.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """Dagster resources pointing at a test's own database and key prefix."""
+    r, p, t = settings.redis, settings.postgres, settings.pipeline
+    return {
+        "redis": RedisResource(host=r.host, port=r.port, db=r.db, password=r.password,
+                               ssl=r.ssl, key_prefix=r.key_prefix,
+                               dedup_window_seconds=t.dedup_window_seconds,
+                               max_queue_depth=t.max_queue_depth,
+                               lookup_ttl_seconds=t.lookup_ttl_seconds,
+                               claim_timeout_seconds=t.claim_timeout_seconds),
+        "postgres": PostgresResource(host=p.host, port=p.port, user=p.user,
+                                     password=p.password, dbname=p.dbname,
+                                     pgbouncer_host=p.pgbouncer_host,
+                                     pgbouncer_port=p.pgbouncer_port,
+                                     use_pgbouncer=p.use_pgbouncer),
+    }
+
+
+def pipeline_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """Environment for a CLI or worker subprocess: the test's own database and prefix."""
+    p, r = settings.postgres, settings.redis
+    return {
+        **os.environ,
+        "POSTGRES_HOST": p.host, "POSTGRES_PORT": str(p.port), "POSTGRES_USER": p.user,
+        "POSTGRES_PASSWORD": p.password or "", "POSTGRES_DB": p.dbname,
+        "PGBOUNCER_HOST": p.pgbouncer_host, "PGBOUNCER_PORT": str(p.pgbouncer_port),
+        "USE_PGBOUNCER": "true" if p.use_pgbouncer else "false",
+        "REDIS_HOST": r.host, "REDIS_PORT": str(r.port), "REDIS_KEY_PREFIX": r.key_prefix,
+        "BATCH_SIZE": str(settings.pipeline.batch_size),
+        "WORKER_COUNT": str(settings.pipeline.worker_count),
+        "CLAIM_TIMEOUT_SECONDS": str(settings.pipeline.claim_timeout_seconds),
+        "DEDUP_WINDOW_SECONDS": str(settings.pipeline.dedup_window_seconds),
+        **overrides,
+    }
+
+
+def dagster_env(settings: Settings, home: Path) -> dict[str, str]:
+    """Environment for a Dagster subprocess: the test's database/prefix, its own home."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    return pipeline_env(settings, DAGSTER_HOME=str(home))
+
+
+def expected_orders(payloads: list[bytes], pg: psycopg.Connection
+                    ) -> dict[str, tuple[Decimal, Decimal]]:
+    """order_id -> (total_amount, total_amount_usd) computed independently with Decimal."""
+    rates = dict(pg.execute("SELECT currency_code::text, rate_to_usd FROM currencies"))
+    out: dict[str, tuple[Decimal, Decimal]] = {}
+    for raw in payloads:
+        try:
+            order = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(order, dict) or "unit_price" not in order:
+            continue
+        price = Decimal(str(order["unit_price"])).quantize(Decimal("0.0001"))
+        quantity = order["quantity"]
+        if not isinstance(quantity, int) or quantity <= 0:
+            continue
+        total = price * quantity
+        rate = rates.get(order.get("currency"))
+        if rate is None:
+            continue
+        usd = (total * rate).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+        out[order["order_id"]] = (total, usd)
+    return out
+
+
+def push_orders(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, count: int,
+                *, batch_size: int = 2000, seed: int = 7, **mix: float
+                ) -> tuple[list[bytes], dict[str, int]]:
+    """Generate `count` payloads (duplicates/invalid fractions in `mix`) and enqueue them."""
+    refs = generator.References.load(pg)
+    payloads, summary = generator.build_payloads(refs, count, seed=seed, **mix)
+    keys = RedisKeys(settings.redis.key_prefix)
+    generator.push_payloads(OrderQueue(rconn, keys), Backpressure(rconn, keys, 10**9),
+                            payloads, batch_size=batch_size)
+    return payloads, summary
+
+
+def valid_order_ids(payloads: list[bytes]) -> set[str]:
+    """Ids of the generator's valid orders (its invalid ones are named `bad-…`)."""
+    return {json.loads(p)["order_id"] for p in payloads if p.startswith(b'{"order_id":"ord-')}
+
+
+def assert_exactly_once(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
+                        payloads: list[bytes]) -> None:
+    """Every valid order in `orders` once, every invalid one rejected once, nothing left."""
+    expected = valid_order_ids(payloads)
+    ids = [r[0] for r in pg.execute("SELECT order_id FROM orders")]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == expected, (len(ids), len(expected))
+    invalid = sorted(p for p in payloads if not p.startswith(b'{"order_id":"ord-'))
+    rejected = sorted(bytes(r[0]) for r in pg.execute("SELECT raw_payload FROM orders_rejected"))
+    assert rejected == invalid
+    assert pg.execute("SELECT count(*) FROM orders_staging").fetchone()[0] == 0
+    duplicates = pg.execute("SELECT coalesce(sum(duplicate_rows), 0) FROM ingest_batches"
+                            " WHERE status = 'promoted'").fetchone()[0]
+    assert len(ids) + len(rejected) + duplicates == len(payloads)
+    keys = RedisKeys(settings.redis.key_prefix)
+    assert rconn.llen(keys.ingestion) == 0
+    assert rconn.zcard(keys.inflight) == 0 and rconn.zcard(keys.staged) == 0
+    assert not list(rconn.scan_iter(match=f"{keys.prefix}:batch:*"))
