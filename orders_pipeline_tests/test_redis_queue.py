@@ -1,0 +1,284 @@
+"""The ingestion queue on its own: atomic FIFO pushes, leased batch claims, reclaim, release."""
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.queue import ClaimedBatch, OrderQueue
+
+
+def payloads(tag: str, n: int) -> list[bytes]:
+    return [json.dumps({"order_id": f"{tag}-{i}"}).encode() for i in range(n)]
+
+
+def redis_now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def wait_until_reclaimed(queue: OrderQueue, owner: str, deadline_s: float = 10.0
+                         ) -> ClaimedBatch:
+    """Poll until some lease expires and `owner` takes the batch over."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        batch = queue.reclaim_expired(owner)
+        if batch is not None:
+            return batch
+        time.sleep(0.05)
+    raise AssertionError(f"no lease expired within {deadline_s}s")
+
+
+def test_push_batch_is_fifo_across_batches(rconn: redis.Redis, keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys)
+    first, second = payloads("a", 5), payloads("b", 5)
+    queue.push_batch(first)
+    queue.push_batch(second)
+    assert queue.depth() == 10
+
+    claimed = queue.claim_batch(7, "w1")
+    rest = queue.claim_batch(7, "w1")
+
+    assert claimed is not None and rest is not None
+    assert claimed.payloads == (first + second)[:7]
+    assert rest.payloads == (first + second)[7:]
+
+
+def test_push_batch_writes_counter_and_signal_with_the_orders(rconn: redis.Redis,
+                                                               keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys)
+    batch_id = queue.push_batch(payloads("a", 3), batch_id="batch-1")
+    queue.push_batch(payloads("b", 2))
+
+    assert batch_id == "batch-1"
+    assert int(rconn.hget(keys.counters, "accepted")) == 5
+    entries = rconn.xrange(keys.signals_stream)
+    bodies = [json.loads(fields[b"data"]) for _, fields in entries]
+    assert [b["count"] for b in bodies] == [3, 2]
+    assert bodies[0]["batch_id"] == "batch-1"
+    assert rconn.exists(keys.signal_seen("batch-1")) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def tiny_redis() -> Iterator[redis.Redis]:
+    """A throwaway redis-server with almost no memory to spare, never the shared one."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed")
+    port = _free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", used + 512 * 1024)
+        yield client
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_push_batch_is_all_or_nothing_when_redis_is_full(tiny_redis: redis.Redis) -> None:
+    keys = RedisKeys("full")
+    queue = OrderQueue(tiny_redis, keys)
+    batch = [b"x" * 10_000] * 20
+    pushed = 0
+    with pytest.raises(redis.ResponseError, match="maxmemory"):
+        for _ in range(1000):
+            queue.push_batch(batch)
+            pushed += 1
+
+    assert pushed > 0
+    depth = queue.depth()
+    assert depth == pushed * len(batch)
+    assert int(tiny_redis.hget(keys.counters, "accepted")) == depth
+    signalled = sum(json.loads(f[b"data"])["count"]
+                    for _, f in tiny_redis.xrange(keys.signals_stream))
+    assert signalled == depth
+
+
+def test_claim_batch_moves_whole_batch_under_a_lease(rconn: redis.Redis,
+                                                     keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys, lease_seconds=60)
+    items = payloads("a", 4)
+    queue.push_batch(items)
+    now_ms = redis_now_ms(rconn)
+
+    batch = queue.claim_batch(10, "worker-a")
+
+    assert batch is not None and not batch.reclaimed
+    assert batch.owner == "worker-a"
+    assert batch.payloads == items
+    assert queue.depth() == 0
+    assert rconn.lrange(keys.batch(batch.batch_id), 0, -1) == items
+    deadline = rconn.zscore(keys.inflight, batch.batch_id)
+    assert deadline is not None and now_ms + 55_000 <= deadline <= now_ms + 62_000
+    assert rconn.hget(keys.owners, batch.batch_id) == b"worker-a"
+    assert queue.in_flight_batches() == 1
+
+
+def test_claim_batch_on_empty_queue_returns_none(rconn: redis.Redis, keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys)
+    assert queue.claim_batch(10, "w") is None
+    assert rconn.zcard(keys.inflight) == 0
+    assert rconn.hlen(keys.owners) == 0
+
+
+def test_expired_lease_is_reclaimed_by_another_worker_not_before(rconn: redis.Redis,
+                                                                 keys: RedisKeys) -> None:
+    worker_a = OrderQueue(rconn, keys, lease_seconds=1)
+    worker_b = OrderQueue(rconn, keys, lease_seconds=60)
+    worker_a.push_batch(payloads("a", 3))
+    claimed = worker_a.claim_batch(10, "a")
+    assert claimed is not None
+
+    assert worker_b.reclaim_expired("b") is None  # lease still running
+
+    reclaimed = wait_until_reclaimed(worker_b, "b")
+    assert reclaimed.batch_id == claimed.batch_id
+    assert reclaimed.reclaimed and reclaimed.owner == "b"
+    assert reclaimed.payloads == claimed.payloads
+    assert rconn.hget(keys.owners, claimed.batch_id) == b"b"
+    # B's own (long) lease now protects it from a third worker.
+    assert worker_b.reclaim_expired("c") is None
+    # A lost its lease: its heartbeat and its hand-over are refused.
+    assert worker_a.extend_lease(claimed) is False
+    assert worker_a.mark_staged(claimed) is False
+    assert worker_b.extend_lease(reclaimed) is True
+
+
+def test_concurrent_reclaimers_never_share_a_batch(rconn: redis.Redis, keys: RedisKeys) -> None:
+    dying = OrderQueue(rconn, keys, lease_seconds=1)
+    for n in range(30):
+        dying.push_batch(payloads(f"b{n}", 2))
+    claimed = set()
+    while (batch := dying.claim_batch(2, "dead")) is not None:
+        claimed.add(batch.batch_id)
+    assert len(claimed) == 30
+    deadline = time.monotonic() + 10
+    while rconn.zcount(keys.inflight, "-inf", redis_now_ms(rconn)) < 30:
+        assert time.monotonic() < deadline, "leases did not expire"
+        time.sleep(0.05)
+
+    barrier = threading.Barrier(4)
+    taken: list[list[str]] = [[] for _ in range(4)]
+
+    def reclaimer(n: int) -> None:
+        pool = redis.ConnectionPool(**rconn.connection_pool.connection_kwargs)
+        try:
+            queue = OrderQueue(redis.Redis(connection_pool=pool), keys, lease_seconds=60)
+            barrier.wait()
+            while (batch := queue.reclaim_expired(f"r{n}")) is not None:
+                taken[n].append(batch.batch_id)
+        finally:
+            pool.disconnect()
+
+    threads = [threading.Thread(target=reclaimer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    everything = [b for per_thread in taken for b in per_thread]
+    assert sorted(everything) == sorted(claimed)  # each batch exactly once
+    owners = {k.decode(): v.decode() for k, v in rconn.hgetall(keys.owners).items()}
+    for n, per_thread in enumerate(taken):
+        assert all(owners[b] == f"r{n}" for b in per_thread)
+
+
+def test_mark_staged_only_by_the_owner(rconn: redis.Redis, keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys)
+    queue.push_batch(payloads("a", 3))
+    batch = queue.claim_batch(10, "owner")
+    assert batch is not None
+    impostor = ClaimedBatch(batch.batch_id, "someone-else", batch.payloads)
+
+    assert queue.mark_staged(impostor) is False
+    assert rconn.zscore(keys.inflight, batch.batch_id) is not None
+    assert queue.staged_batch_ids() == []
+
+    assert queue.mark_staged(batch) is True
+    assert rconn.zscore(keys.inflight, batch.batch_id) is None
+    assert rconn.hget(keys.owners, batch.batch_id) is None
+    assert queue.staged_batch_ids() == [batch.batch_id]
+    # Payloads stay in Redis until promotion.
+    assert rconn.llen(keys.batch(batch.batch_id)) == 3
+    assert queue.mark_staged(batch) is False
+
+
+def test_release_removes_every_trace(rconn: redis.Redis, keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys)
+    queue.push_batch(payloads("a", 4))
+    staged = queue.claim_batch(2, "w")
+    inflight = queue.claim_batch(2, "w")
+    assert staged is not None and inflight is not None
+    queue.mark_staged(staged)
+
+    queue.release([staged.batch_id, inflight.batch_id])
+
+    for batch_id in (staged.batch_id, inflight.batch_id):
+        assert rconn.exists(keys.batch(batch_id)) == 0
+        assert rconn.zscore(keys.inflight, batch_id) is None
+        assert rconn.zscore(keys.staged, batch_id) is None
+        assert rconn.hget(keys.owners, batch_id) is None
+    assert queue.in_flight_orders() == 0
+    queue.release([])  # nothing to do is not an error
+
+
+def test_requeue_hands_a_staged_batch_back_for_reclaim(rconn: redis.Redis,
+                                                       keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys, lease_seconds=60)
+    items = payloads("a", 3)
+    queue.push_batch(items)
+    batch = queue.claim_batch(10, "w1")
+    assert batch is not None
+    queue.mark_staged(batch)
+
+    queue.requeue([batch.batch_id])
+
+    assert queue.staged_batch_ids() == []
+    again = queue.reclaim_expired("w2")  # no waiting: a requeued batch is due at once
+    assert again is not None
+    assert again.batch_id == batch.batch_id
+    assert again.payloads == items
+    assert again.reclaimed
+
+
+def test_in_flight_orders_counts_claimed_and_staged(rconn: redis.Redis, keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys)
+    assert queue.in_flight_orders() == 0
+    queue.push_batch(payloads("a", 10))
+    first = queue.claim_batch(3, "w")
+    second = queue.claim_batch(4, "w")
+    assert first is not None and second is not None
+    queue.mark_staged(first)
+
+    assert queue.in_flight_orders() == 7
+    assert queue.depth() == 3
+    queue.release([first.batch_id])
+    assert queue.in_flight_orders() == 4
