@@ -1,0 +1,162 @@
+"""Postgres crashes (`pg_ctl stop -m immediate`) at every point; no accepted order is lost.
+
+These tests run their own throwaway cluster (initdb + pg_ctl on a free port) so the shared
+server is never disturbed. An immediate stop skips the shutdown checkpoint, so the restart
+runs crash recovery, which empties every UNLOGGED table: exactly what happens to
+`orders_staging` when a real server dies.
+"""
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from orders_pipeline import pipeline
+from orders_pipeline.connections import close_all, pg_connect
+from orders_pipeline.faults import PAUSE_ENV, PAUSE_FILE_ENV
+from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.settings import Settings
+from orders_pipeline_tests.helpers import REPO, assert_exactly_once, pipeline_env, push_orders
+
+BIN = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                          check=True).stdout.strip())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThrowawayPostgres:
+    """A private cluster; run as the `postgres` user when the tests run as root."""
+
+    def __init__(self, root: Path) -> None:
+        self.data = root / "data"
+        self.port = _free_port()
+        self.log = root / "postgres.log"
+        self._as = (["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        self._run(str(BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                  "--no-sync")
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"
+                   " -c max_connections=50")
+        self._run(str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o",
+                  options, "-w", "-t", "60", "start")
+
+    def crash(self) -> None:
+        """Immediate shutdown: no checkpoint, crash recovery at the next start."""
+        self._run(str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def stop(self) -> None:
+        subprocess.run([*self._as, str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+                        "-w", "stop"], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def crashable(settings: Settings, rconn: redis.Redis) -> Iterator[
+        tuple[Settings, ThrowawayPostgres]]:
+    """Settings whose Postgres is a private cluster this test may crash at will."""
+    root = Path(tempfile.mkdtemp(prefix="op_pgcrash_"))
+    server = ThrowawayPostgres(root)
+    server.start()
+    own = dataclasses.replace(settings, postgres=dataclasses.replace(
+        settings.postgres, port=server.port, use_pgbouncer=False, dbname="orders"))
+    ensure_database(own.postgres)
+    with pg_connect(own.postgres) as conn:
+        apply_schema(conn)
+        LookupCache(rconn, RedisKeys(own.redis.key_prefix), 3600).load_snapshot(conn)
+    try:
+        yield own, server
+    finally:
+        close_all()
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _connect(settings: Settings) -> psycopg.Connection:
+    conn = pg_connect(settings.postgres)
+    conn.autocommit = True
+    return conn
+
+
+def _finish(settings: Settings) -> None:
+    """What the next run does after the crash: promote (requeues lost batches), restage."""
+    close_all()  # the pools' connections died with the server
+    for _ in range(5):
+        pipeline.promote_staged(settings)
+        pipeline.stage_queue(settings, workers=1, batch_size=1000)
+        result = pipeline.promote_staged(settings)
+        if not (result.promoted_batches or result.lost_batches):
+            return
+
+
+def test_crash_between_staging_and_promotion(crashable: tuple[Settings, ThrowawayPostgres],
+                                             rconn: redis.Redis) -> None:
+    settings, server = crashable
+    with _connect(settings) as pg:
+        payloads, _ = push_orders(settings, rconn, pg, 5000, batch_size=1000, duplicates=0.05,
+                                  invalid=0.02)
+    pipeline.stage_queue(settings, workers=1, batch_size=1000)
+    with _connect(settings) as pg:
+        assert pg.execute("SELECT count(*) FROM orders_staging").fetchone()[0] > 0
+    server.crash()
+    server.start()
+    with _connect(settings) as pg:
+        # The crash emptied the UNLOGGED table; the logged ledger remembers the batches.
+        assert pg.execute("SELECT count(*) FROM orders_staging").fetchone()[0] == 0
+        assert pg.execute("SELECT count(*) FROM ingest_batches WHERE status = 'staged'"
+                          ).fetchone()[0] == 5
+    _finish(settings)
+    with _connect(settings) as pg:
+        assert pg.execute("SELECT count(*) FROM ingest_batches WHERE attempts > 1 OR"
+                          " status <> 'promoted'").fetchone()[0] == 5  # all were restaged
+        assert_exactly_once(settings, rconn, pg, payloads)
+
+
+@pytest.mark.parametrize("point", ["mid_copy", "after_copy", "mid_promotion"])
+def test_crash_at_exact_point(crashable: tuple[Settings, ThrowawayPostgres],
+                              rconn: redis.Redis, tmp_path: Path, point: str) -> None:
+    """A worker (or promoter) process is paused at `point`; Postgres dies right there."""
+    settings, server = crashable
+    with _connect(settings) as pg:
+        payloads, _ = push_orders(settings, rconn, pg, 3000, batch_size=1000, duplicates=0.05,
+                                  invalid=0.02)
+    marker = tmp_path / "paused"
+    env = pipeline_env(settings, USE_PGBOUNCER="false",
+                       **{PAUSE_ENV: point, PAUSE_FILE_ENV: str(marker)})
+    command = ["promote"] if point == "mid_promotion" else ["process", "--workers", "1"]
+    if point == "mid_promotion":
+        pipeline.stage_queue(settings, workers=1, batch_size=1000)
+    process = subprocess.Popen([sys.executable, "-m", "orders_pipeline", *command], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the process never reached the pause point"
+        time.sleep(0.05)
+    server.crash()
+    server.start()
+    marker.unlink()  # resume: its connection is gone; it retries or fails, never half-done
+    process.communicate(timeout=120)
+    _finish(settings)
+    with _connect(settings) as pg:
+        assert_exactly_once(settings, rconn, pg, payloads)
