@@ -14,6 +14,7 @@ import redis
 from psycopg import sql
 
 from orders_pipeline.connections import pg_connect, redis_client
+from orders_pipeline.conservation import check_conservation
 from orders_pipeline.postgres_patterns.schema import require_schema
 from orders_pipeline.postgres_patterns.views import VIEWS
 from orders_pipeline.redis_patterns.backpressure import Backpressure
@@ -23,15 +24,12 @@ from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.order_window import OrderRateWindow
 from orders_pipeline.settings import Settings
 
+CONSERVATION_TERMS = ("orders", "promotion_conflicts", "rejected", "duplicates_dropped",
+                      "awaiting_promotion", "queued", "in_flight")
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 _ROW_COUNTS = {"staging_rows": "orders_staging", "orders_rows": "orders",
                "rejected_rows": "orders_rejected",
                **{f"{view}_rows": view for view in VIEWS}}
-# Where every accepted order is once the pipeline is at rest (see `_conservation`).
-CONSERVATION_TERMS = ("orders_rows", "promotion_conflicts", "rejected_rows",
-                      "duplicates_dropped", "staging_rows", "queue_depth", "claimed_orders")
-
-
 def _batch_orders(client: redis.Redis, keys: RedisKeys, batch_set: str) -> tuple[int, int]:
     """(batches, orders held in them) for the batches listed in one sorted set."""
     ids = client.zrange(batch_set, 0, -1)
@@ -57,20 +55,6 @@ def _postgres_numbers(settings: Settings) -> dict[str, int]:
         conn.rollback()
     return {**dict(zip(_ROW_COUNTS, map(int, row), strict=True)),
             "duplicates_dropped": int(duplicates), "promotion_conflicts": int(conflicts)}
-
-
-def _conservation(stats: dict[str, Any]) -> dict[str, Any]:
-    """Every accepted order is in exactly one place, or the books do not balance.
-
-    A staged batch's rejects and duplicates are already in Postgres while its payloads are
-    still in Redis, so its pending rows count as `staging_rows`, and only batches that are
-    claimed but not staged count as in Redis (`claimed_orders`).
-    """
-    terms = {name: stats[name] for name in CONSERVATION_TERMS}
-    accounted = sum(terms.values())
-    return {"accepted": stats["accepted"], "accounted": accounted, "terms": terms,
-            "difference": stats["accepted"] - accounted,
-            "balanced": stats["accepted"] == accounted}
 
 
 def collect_stats(settings: Settings) -> dict[str, Any]:
@@ -107,7 +91,8 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
             for minute, count in per_minute.items()],
         **postgres,
     }
-    stats["conservation"] = _conservation(stats)
+    with pg_connect(settings.postgres) as conn:
+        stats["conservation"] = check_conservation(client, keys, conn).as_dict()
     return stats
 
 
@@ -169,7 +154,7 @@ def render_stats(stats: dict[str, Any]) -> str:
         ]),
         ("Views", [(f"{view} rows", stats[f"{view}_rows"]) for view in VIEWS]),
         ("Conservation", [
-            *((f"  {name}", value) for name, value in balance["terms"].items()),
+            *((f"  {name.replace('_', ' ')}", balance[name]) for name in CONSERVATION_TERMS),
             ("accounted", balance["accounted"]),
             ("accepted", balance["accepted"]),
             ("balanced", "yes" if balance["balanced"]

@@ -3,6 +3,7 @@ import dagster as dg
 from orders_pipeline.assets.lookup import lookup_cache
 from orders_pipeline.assets.orders import promoted_orders
 from orders_pipeline.assets.views import product_performance_daily, sales_hourly
+from orders_pipeline.conservation import check_conservation
 from orders_pipeline.postgres_patterns.views import view_vs_orders
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.resources import PostgresResource, RedisResource
@@ -59,3 +60,16 @@ snapshot: the view answers exactly what a full recompute would.""")
 sales_hourly_matches_orders = _view_check(sales_hourly, "sales_hourly")
 product_performance_daily_matches_orders = _view_check(product_performance_daily,
                                                        "product_performance_daily")
+
+
+@dg.asset_check(asset=promoted_orders, description="""
+Conservation: every order producers pushed (`accepted`, counted in the same MULTI as the
+LPUSH) is in exactly one place: `orders`, a promotion conflict, `orders_rejected`, dropped
+as a duplicate, awaiting promotion in staging, queued, or in flight. A difference means an
+order was lost (positive) or counted twice (negative).""")
+def orders_conservation(redis: RedisResource,
+                        postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn:
+        books = check_conservation(redis.client(), redis.key_space(), conn)
+    return dg.AssetCheckResult(passed=books.balanced, metadata={
+        name: int(value) for name, value in books.as_dict().items()})

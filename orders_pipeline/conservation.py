@@ -1,0 +1,90 @@
+"""Conservation of orders: every accepted order is in exactly one place.
+
+    accepted = orders + promotion conflicts + rejected + duplicates dropped
+               + awaiting promotion + queued + in flight
+
+`accepted` is counted by producers in the same MULTI as their LPUSH. The Postgres side comes
+from the logged batch ledger (a batch's rejects and duplicates count once its staging has
+committed); the Redis side counts only batches the ledger does not already account for
+(claimed and not yet staged, or lost to a Postgres crash and requeued). The two servers are
+read one after the other, so the books are exact whenever no batch changes state between the
+two reads: at rest, after every run, which is when the asset check evaluates them.
+"""
+
+from dataclasses import asdict, dataclass
+
+import psycopg
+import redis
+
+from orders_pipeline.postgres_patterns.promotion import batch_statuses
+from orders_pipeline.redis_patterns.keys import RedisKeys
+
+_LEDGER_TOTALS = """
+SELECT (SELECT count(*) FROM orders),
+       (SELECT coalesce(sum(staged_rows - inserted_rows), 0) FROM promotions),
+       coalesce(sum(rejected_rows) FILTER (WHERE status IN ('staged', 'promoted')), 0),
+       coalesce(sum(duplicate_rows) FILTER (WHERE status IN ('staged', 'promoted')), 0),
+       coalesce(sum(staged_rows) FILTER (WHERE status = 'staged'), 0)
+FROM ingest_batches
+"""
+
+
+@dataclass(frozen=True)
+class Conservation:
+    accepted: int
+    orders: int
+    promotion_conflicts: int
+    rejected: int
+    duplicates_dropped: int
+    awaiting_promotion: int
+    queued: int
+    in_flight: int
+
+    @property
+    def accounted(self) -> int:
+        return (self.orders + self.promotion_conflicts + self.rejected
+                + self.duplicates_dropped + self.awaiting_promotion + self.queued
+                + self.in_flight)
+
+    @property
+    def difference(self) -> int:
+        """Accepted orders not found anywhere (positive) or found twice (negative)."""
+        return self.accepted - self.accounted
+
+    @property
+    def balanced(self) -> bool:
+        return self.difference == 0
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return {**asdict(self), "accounted": self.accounted, "difference": self.difference,
+                "balanced": self.balanced}
+
+
+def unstaged_batch_orders(client: redis.Redis, keys: RedisKeys,
+                          conn: psycopg.Connection) -> int:
+    """Orders held in Redis batches whose rows the ledger does not account for yet."""
+    batch_ids = [b.decode() for b in (*client.zrange(keys.inflight, 0, -1),
+                                      *client.zrange(keys.staged, 0, -1))]
+    if not batch_ids:
+        return 0
+    statuses = batch_statuses(conn, batch_ids)
+    pending = [b for b in batch_ids if statuses.get(b) not in ("staged", "promoted")]
+    pipe = client.pipeline(transaction=False)
+    for batch_id in pending:
+        pipe.llen(keys.batch(batch_id))
+    return sum(pipe.execute())
+
+
+def check_conservation(client: redis.Redis, keys: RedisKeys,
+                       conn: psycopg.Connection) -> Conservation:
+    orders, conflicts, rejected, duplicates, awaiting = conn.execute(_LEDGER_TOTALS).fetchone()
+    conn.rollback()
+    in_flight = unstaged_batch_orders(client, keys, conn)
+    pipe = client.pipeline(transaction=True)  # no producer's MULTI lands between the two
+    pipe.hget(keys.counters, "accepted")
+    pipe.llen(keys.ingestion)
+    accepted, queued = pipe.execute()
+    return Conservation(
+        accepted=int(accepted or 0), orders=int(orders), promotion_conflicts=int(conflicts),
+        rejected=int(rejected), duplicates_dropped=int(duplicates),
+        awaiting_promotion=int(awaiting), queued=int(queued), in_flight=in_flight)
