@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.helpers import REPO, dagster_env
+from orders_pipeline_tests.helpers import REPO, dagster_env, pipeline_env
 
 ASSET_LINEAGE = {
     "lookup_cache": set(),
@@ -78,7 +78,19 @@ class Dagit:
 
 
 @pytest.fixture
-def dagit(settings: Settings, tmp_path: Path) -> Iterator[Dagit]:
+def signals_while_daemon_down(settings: Settings, tmp_path: Path) -> int:
+    """Orders pushed through the CLI before any daemon runs: their signals must not be lost."""
+    env = pipeline_env(settings, BATCH_SIZE="1000")
+    for command in (("init-cache",), ("generate", "--count", "2000")):
+        result = subprocess.run([sys.executable, "-m", "orders_pipeline", *command], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    return 2
+
+
+@pytest.fixture
+def dagit(settings: Settings, tmp_path: Path, signals_while_daemon_down: int
+          ) -> Iterator[Dagit]:
     port = _free_port()
     log = open(tmp_path / "dagster-dev.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
@@ -101,8 +113,8 @@ def dagit(settings: Settings, tmp_path: Path) -> Iterator[Dagit]:
 
 
 def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Settings,
-                                                   pg: psycopg.Connection,
-                                                   tmp_path: Path) -> None:
+                                                   pg: psycopg.Connection, tmp_path: Path,
+                                                   signals_while_daemon_down: int) -> None:
     nodes = dagit.graphql("{ assetNodes { assetKey { path } dependencyKeys { path }"
                           " groupName repository { name location { name } } } }")["assetNodes"]
     lineage = {"/".join(n["assetKey"]["path"]): {"/".join(d["path"]) for d in n["dependencyKeys"]}
@@ -131,19 +143,21 @@ def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Setti
     assert generated.returncode == 0, generated.stderr
     deadline = time.monotonic() + 120
     runs: list[dict] = []
+    expected_signals = signals_while_daemon_down + 2
     while time.monotonic() < deadline:
         runs = dagit.graphql(
             """{ runsOrError(filter: {pipelineName: "ingest_orders"}) {
                  ... on Runs { results { runId status tags { key value } } } } }"""
         )["runsOrError"]["results"]
-        if runs and all(r["status"] in {"SUCCESS", "FAILURE", "CANCELED"} for r in runs):
+        covered = sum(int(t["value"]) for r in runs for t in r["tags"]
+                      if t["key"] == "orders_pipeline/signals")
+        if covered >= expected_signals and all(
+                r["status"] in {"SUCCESS", "FAILURE", "CANCELED"} for r in runs):
             break
         time.sleep(2)
     assert runs, "the sensor launched no ingest run"
     assert {r["status"] for r in runs} == {"SUCCESS"}
-    # Two pushed batches, two signals: each signal is covered by exactly one run.
-    signals = sum(int(t["value"]) for r in runs for t in r["tags"]
-                  if t["key"] == "orders_pipeline/signals")
-    assert signals == 2
-    assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 1_800
-    assert pg.execute("SELECT sum(order_count) FROM sales_hourly").fetchone()[0] == 1_800
+    # Two batches before the daemon started, two after: each signal in exactly one run.
+    assert covered == expected_signals
+    assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 2_000 + 1_800
+    assert pg.execute("SELECT sum(order_count) FROM sales_hourly").fetchone()[0] == 3_800
