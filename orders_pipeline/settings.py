@@ -46,14 +46,28 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 @dataclass(frozen=True)
 class RedisSettings:
+    """Passwords never appear in `repr()`, so settings can be logged and shown safely."""
+
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
+    username: str | None = None
     password: str | None = field(default=None, repr=False)
     ssl: bool = False
+    ssl_ca_certs: str | None = None
     key_prefix: str = "orders"
+
+    def __post_init__(self) -> None:
+        # A CA without TLS would silently send the password in clear text.
+        if self.ssl_ca_certs and not self.ssl:
+            raise ConfigError("REDIS_SSL_CA_CERTS is set but REDIS_SSL is false")
+        if self.ssl_ca_certs and not os.path.isfile(self.ssl_ca_certs):
+            raise ConfigError(f"REDIS_SSL_CA_CERTS: no such file {self.ssl_ca_certs!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "RedisSettings":
@@ -61,14 +75,18 @@ class RedisSettings:
             host=_get(env, "REDIS_HOST", "127.0.0.1"),
             port=_int(env, "REDIS_PORT", 6379, 1),
             db=_int(env, "REDIS_DB", 0),
+            username=env.get("REDIS_USERNAME") or None,
             password=env.get("REDIS_PASSWORD") or None,
             ssl=_bool(env, "REDIS_SSL", False),
+            ssl_ca_certs=env.get("REDIS_SSL_CA_CERTS") or None,
             key_prefix=_get(env, "REDIS_KEY_PREFIX", "orders"),
         )
 
 
 @dataclass(frozen=True)
 class PostgresSettings:
+    """`sslmode`/`sslrootcert` apply to Postgres and PgBouncer alike; no password in `repr()`."""
+
     host: str = "127.0.0.1"
     port: int = 5432
     user: str = "postgres"
@@ -77,6 +95,13 @@ class PostgresSettings:
     pgbouncer_host: str = "127.0.0.1"
     pgbouncer_port: int = 6432
     use_pgbouncer: bool = False
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sslmode not in SSL_MODES:
+            raise ConfigError(f"POSTGRES_SSLMODE must be one of {', '.join(SSL_MODES)}, "
+                              f"got {self.sslmode!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "PostgresSettings":
@@ -89,6 +114,8 @@ class PostgresSettings:
             pgbouncer_host=_get(env, "PGBOUNCER_HOST", "127.0.0.1"),
             pgbouncer_port=_int(env, "PGBOUNCER_PORT", 6432, 1),
             use_pgbouncer=_bool(env, "USE_PGBOUNCER", False),
+            sslmode=_get(env, "POSTGRES_SSLMODE", "prefer").strip().lower(),
+            sslrootcert=env.get("POSTGRES_SSLROOTCERT") or None,
         )
 
     def conninfo(self, *, via_pgbouncer: bool | None = None) -> dict[str, object]:
@@ -101,7 +128,10 @@ class PostgresSettings:
             "dbname": self.dbname,
             "application_name": "orders_pipeline",
             "connect_timeout": 10,
+            "sslmode": self.sslmode,
         }
+        if self.sslrootcert:
+            params["sslrootcert"] = self.sslrootcert
         if self.password:
             params["password"] = self.password
         return params

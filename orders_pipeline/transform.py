@@ -216,7 +216,11 @@ def validate_values(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         _text_check("currency", MAX_TEXT_LENGTH),
         _text_check("zip_code", MAX_TEXT_LENGTH),
         pl.when(pl.col("_ts").is_null())
-        .then(pl.lit("order_timestamp is not ISO 8601 with a UTC offset")),
+        .then(pl.lit("order_timestamp is not ISO 8601 with a UTC offset"))
+        # Postgres cannot read back a year outside 1..9999 as Polars writes it; one such
+        # order would fail its whole batch's COPY on every retry.
+        .when(~pl.col("_ts").dt.year().is_between(1, 9999))
+        .then(pl.lit("order_timestamp is outside the years 0001-9999 (UTC)")),
     ))
     valid = (checked.filter(pl.col("reason").is_null())
              .drop("reason", "order_timestamp").rename({"_ts": "order_timestamp"}))

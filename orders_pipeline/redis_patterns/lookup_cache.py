@@ -52,6 +52,7 @@ class LookupCache:
         self.client = client
         self.keys = keys
         self.ttl_seconds = ttl_seconds
+        self._snapshot: tuple[bytes, list[pl.DataFrame]] | None = None
 
     def load_snapshot(self, conn: psycopg.Connection) -> SnapshotInfo:
         """Copy the lookup tables into Redis and swap them in atomically."""
@@ -125,34 +126,50 @@ class LookupCache:
         return sum(pipe.execute())
 
     def fetch(self, ids: dict[str, list[str]]) -> dict[str, pl.DataFrame]:
-        """Attributes for the given distinct ids per table, in one round trip.
+        """Attributes for the given distinct ids per table.
 
-        Returns one frame per table with the id column and its value columns (as strings);
-        ids that are not in the snapshot are simply absent.
+        The process keeps the whole snapshot (a few thousand rows) in memory, keyed by its
+        version: while that is current a batch costs one round trip (EXISTS + version, in
+        MULTI); a new or expired snapshot is read whole, atomically, once. Returns one frame
+        per table with the id column and its value columns (as strings); ids that are not
+        in the snapshot are simply absent.
         """
-        pipe = self.client.pipeline(transaction=False)
         names = [self.keys.lookup(t.name) for t in LOOKUP_TABLES]
+        pipe = self.client.pipeline(transaction=True)
         pipe.exists(*names)
-        for table in LOOKUP_TABLES:
-            wanted = ids.get(table.name) or [""]
-            pipe.hmget(self.keys.lookup(table.name), wanted)
-        present, *values = pipe.execute()
-        if present != len(names):
+        pipe.hget(self.keys.lookup_meta, "loaded_at")
+        present, version = pipe.execute()
+        if present != len(names) or version is None:
             raise LookupCacheMissing(
                 "lookup cache is not loaded (run `orders-pipeline init-cache`)")
-        frames = {}
-        for table, found in zip(LOOKUP_TABLES, values, strict=True):
-            wanted = ids.get(table.name) or [""]
+        if self._snapshot is None or self._snapshot[0] != version:
+            self._snapshot = self._read_snapshot()
+        return {table.name: frame.filter(pl.col(table.id_column).is_in(
+                    ids.get(table.name) or []))
+                for table, frame in zip(LOOKUP_TABLES, self._snapshot[1], strict=True)}
+
+    def _read_snapshot(self) -> tuple[bytes, list[pl.DataFrame]]:
+        names = [self.keys.lookup(t.name) for t in LOOKUP_TABLES]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.exists(*names)
+        pipe.hget(self.keys.lookup_meta, "loaded_at")
+        for name in names:
+            pipe.hgetall(name)
+        present, version, *tables = pipe.execute()
+        if present != len(names) or version is None:
+            raise LookupCacheMissing(
+                "lookup cache is not loaded (run `orders-pipeline init-cache`)")
+        frames = []
+        for table, mapping in zip(LOOKUP_TABLES, tables, strict=True):
             frame = pl.DataFrame(
-                {table.id_column: wanted, "_packed": found},
-                schema={table.id_column: pl.String, "_packed": pl.Binary},
-            ).drop_nulls("_packed")
-            packed = frame["_packed"].cast(pl.String)
-            columns = packed.str.split_exact("\t", len(table.value_columns) - 1).struct.unnest()
+                {table.id_column: list(mapping), "_packed": list(mapping.values())},
+                schema={table.id_column: pl.Binary, "_packed": pl.Binary})
+            columns = (frame["_packed"].cast(pl.String)
+                       .str.split_exact("\t", len(table.value_columns) - 1).struct.unnest())
             columns.columns = list(table.value_columns)
-            frames[table.name] = pl.concat([frame.select(table.id_column), columns],
-                                           how="horizontal")
-        return frames
+            frames.append(pl.concat([frame.select(pl.col(table.id_column).cast(pl.String)),
+                                     columns], how="horizontal"))
+        return version, frames
 
     def clear(self) -> None:
         self.client.delete(*(self.keys.lookup(t.name) for t in LOOKUP_TABLES),

@@ -20,6 +20,7 @@ def _env(name: str, default: Any) -> Any:
 
 
 def resources_from_env() -> dict[str, dg.ConfigurableResource]:
+    """Resources whose set variables stay `EnvVar`s: the UI shows names, never secrets."""
     redis_defaults = RedisSettings()
     pipeline_defaults = PipelineSettings()
     postgres_defaults = PostgresSettings()
@@ -31,8 +32,10 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             host=_env("REDIS_HOST", redis_defaults.host),
             port=_env("REDIS_PORT", redis_defaults.port),
             db=_env("REDIS_DB", redis_defaults.db),
+            username=_env("REDIS_USERNAME", None),
             password=_env("REDIS_PASSWORD", None),
             ssl=redis_env.ssl,
+            ssl_ca_certs=_env("REDIS_SSL_CA_CERTS", None),
             key_prefix=_env("REDIS_KEY_PREFIX", redis_defaults.key_prefix),
             dedup_window_seconds=_env("DEDUP_WINDOW_SECONDS",
                                       pipeline_defaults.dedup_window_seconds),
@@ -50,6 +53,8 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             pgbouncer_host=_env("PGBOUNCER_HOST", postgres_defaults.pgbouncer_host),
             pgbouncer_port=_env("PGBOUNCER_PORT", postgres_defaults.pgbouncer_port),
             use_pgbouncer=postgres_env.use_pgbouncer,
+            sslmode=_env("POSTGRES_SSLMODE", postgres_defaults.sslmode),
+            sslrootcert=_env("POSTGRES_SSLROOTCERT", None),
         ),
     }
 

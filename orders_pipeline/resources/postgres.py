@@ -22,17 +22,22 @@ class PostgresResource(dg.ConfigurableResource):
     host: str = Field(default="127.0.0.1", description="POSTGRES_HOST")
     port: int = Field(default=5432, description="POSTGRES_PORT")
     user: str = Field(default="postgres", description="POSTGRES_USER")
-    password: str | None = Field(default=None, description="POSTGRES_PASSWORD")
+    # repr=False: a resolved resource (inside a run) must not print its secret.
+    password: str | None = Field(default=None, description="POSTGRES_PASSWORD", repr=False)
     dbname: str = Field(default="orders", description="POSTGRES_DB")
     pgbouncer_host: str = Field(default="127.0.0.1", description="PGBOUNCER_HOST")
     pgbouncer_port: int = Field(default=6432, description="PGBOUNCER_PORT")
     use_pgbouncer: bool = Field(default=False, description="USE_PGBOUNCER")
+    sslmode: str = Field(default="prefer", description="POSTGRES_SSLMODE (libpq sslmode)")
+    sslrootcert: str | None = Field(default=None,
+                                    description="POSTGRES_SSLROOTCERT (CA for verify-*)")
 
     def settings(self) -> PostgresSettings:
         return PostgresSettings(
             host=self.host, port=self.port, user=self.user, password=self.password,
             dbname=self.dbname, pgbouncer_host=self.pgbouncer_host,
-            pgbouncer_port=self.pgbouncer_port, use_pgbouncer=self.use_pgbouncer)
+            pgbouncer_port=self.pgbouncer_port, use_pgbouncer=self.use_pgbouncer,
+            sslmode=self.sslmode, sslrootcert=self.sslrootcert)
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:

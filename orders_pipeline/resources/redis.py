@@ -18,8 +18,12 @@ class RedisResource(dg.ConfigurableResource):
     host: str = Field(default="127.0.0.1", description="REDIS_HOST")
     port: int = Field(default=6379, description="REDIS_PORT")
     db: int = Field(default=0, description="REDIS_DB")
-    password: str | None = Field(default=None, description="REDIS_PASSWORD")
+    username: str | None = Field(default=None, description="REDIS_USERNAME (ACL user)")
+    # repr=False: a resolved resource (inside a run) must not print its secret.
+    password: str | None = Field(default=None, description="REDIS_PASSWORD", repr=False)
     ssl: bool = Field(default=False, description="REDIS_SSL (TLS, certificates verified)")
+    ssl_ca_certs: str | None = Field(default=None,
+                                     description="REDIS_SSL_CA_CERTS (CA bundle for TLS)")
     key_prefix: str = Field(default="orders", description="REDIS_KEY_PREFIX")
     dedup_window_seconds: int = Field(default=3600, description="DEDUP_WINDOW_SECONDS")
     max_queue_depth: int = Field(default=1_000_000, description="MAX_QUEUE_DEPTH")
@@ -27,8 +31,9 @@ class RedisResource(dg.ConfigurableResource):
     claim_timeout_seconds: int = Field(default=60, description="CLAIM_TIMEOUT_SECONDS")
 
     def settings(self) -> RedisSettings:
-        return RedisSettings(host=self.host, port=self.port, db=self.db,
-                             password=self.password, ssl=self.ssl, key_prefix=self.key_prefix)
+        return RedisSettings(host=self.host, port=self.port, db=self.db, username=self.username,
+                             password=self.password, ssl=self.ssl,
+                             ssl_ca_certs=self.ssl_ca_certs, key_prefix=self.key_prefix)
 
     def client(self) -> redis.Redis:
         return redis_client(self.settings())
