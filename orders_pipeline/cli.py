@@ -9,6 +9,7 @@ stderr and a non-zero exit code instead of a traceback.
 import argparse
 import json
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -85,12 +86,17 @@ def _postgres_error(exc: psycopg.OperationalError, pg: PostgresSettings, endpoin
 
 
 def _redis_error(exc: redis.RedisError, settings: Settings) -> str:
+    """One line naming the Redis problem; never the password (the server's text has none)."""
     endpoint = f"{settings.redis.host}:{settings.redis.port}"
     if isinstance(exc, redis.AuthenticationError):
         if settings.redis.password is None:
             return f"Redis at {endpoint} requires a password (set REDIS_PASSWORD): {exc}"
-        return f"wrong Redis password for {endpoint} ({exc})"
+        user = f"user {settings.redis.username!r}" if settings.redis.username else "default user"
+        return f"wrong Redis password for {user} at {endpoint} ({exc})"
     cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (f"TLS certificate of Redis at {endpoint} failed verification "
+                f"({cause.verify_message}); set REDIS_SSL_CA_CERTS to the CA that signed it")
     if isinstance(cause, OSError):
         reason = cause.strerror or str(cause) or type(cause).__name__
     else:

@@ -91,16 +91,18 @@ def reconcile_batches(settings: Settings) -> Reconciled:
     """Bring Redis in line with the ledger after a crash between a commit and its Redis step.
 
     Batches the ledger calls promoted are released; batches it calls lost (staging emptied
-    by a Postgres crash) go back to the queue to be staged again.
+    by a Postgres crash) go back to the queue to be staged again, and so do batches Redis
+    holds as staged whose ledger row is missing (their asynchronous commit died in a crash).
     """
     client = redis_client(settings.redis)
     queue = OrderQueue(client, RedisKeys(settings.redis.key_prefix))
-    candidates = queue.staged_batch_ids() + [
-        b.decode() for b in client.zrange(queue.keys.inflight, 0, -1)]
+    staged = queue.staged_batch_ids()
+    candidates = staged + [b.decode() for b in client.zrange(queue.keys.inflight, 0, -1)]
     with pg_pool(settings.postgres).connection() as conn:
         statuses = batch_statuses(conn, candidates)
     promoted = [b for b, s in statuses.items() if s == "promoted"]
-    lost = [b for b, s in statuses.items() if s == "lost"]
+    lost = [b for b, s in statuses.items() if s == "lost"] + [
+        b for b in staged if b not in statuses]
     queue.release(promoted)
     queue.requeue(lost)
     return Reconciled(len(promoted), len(lost))

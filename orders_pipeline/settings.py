@@ -114,7 +114,7 @@ class PostgresSettings:
             pgbouncer_host=_get(env, "PGBOUNCER_HOST", "127.0.0.1"),
             pgbouncer_port=_int(env, "PGBOUNCER_PORT", 6432, 1),
             use_pgbouncer=_bool(env, "USE_PGBOUNCER", False),
-            sslmode=_get(env, "POSTGRES_SSLMODE", "prefer").strip().lower(),
+            sslmode=_get(env, "POSTGRES_SSLMODE", "prefer"),
             sslrootcert=env.get("POSTGRES_SSLROOTCERT") or None,
         )
 

@@ -70,6 +70,10 @@ def stage_batch(conn: psycopg.Connection, batch: StagingBatch) -> StageOutcome:
               "staged": batch.rows.height, "rejected": batch.rejects.height,
               "duplicates": batch.duplicates}
     with conn.transaction():
+        # No need to wait for the WAL flush: the batch stays in Redis until promotion, and a
+        # staged batch whose ledger row a crash took back is handed to the queue again
+        # (pipeline.reconcile_batches), like one whose UNLOGGED rows the crash emptied.
+        conn.execute("SET LOCAL synchronous_commit = off")
         status, inserted = conn.execute(_CLAIM_LEDGER, params).fetchone()
         if not inserted:
             if status == "promoted":
