@@ -17,7 +17,7 @@ from orders_pipeline.pipeline import promote_staged
 from orders_pipeline.postgres_patterns.promotion import batch_statuses, promote_round
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
 from orders_pipeline.postgres_patterns.staging import StageOutcome, StagingBatch, stage_batch
-from orders_pipeline.postgres_patterns.views import VIEWS, refresh_views
+from orders_pipeline.postgres_patterns.views import VIEWS, rebuild_rollups, refresh_views
 from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
@@ -125,6 +125,7 @@ def test_views_refresh_concurrently_without_blocking_readers(
     insert_order(pg, "o1", "2024-05-01T10:59:59+00:00", "3.50")
     insert_order(pg, "o2", "2024-05-01T12:30:00+02:00", "1.25")  # 10:30 UTC, same hour
     insert_order(pg, "o3", "2024-05-01T23:30:00-02:00", "2.00")  # next UTC day
+    assert rebuild_rollups(pg)  # rows written behind promotion's back: recompute the rollups
 
     with pg_connect(settings.postgres) as reader, pg_connect(settings.postgres) as refresher:
         reader.execute("SELECT count(*) FROM sales_hourly").fetchone()  # holds its lock

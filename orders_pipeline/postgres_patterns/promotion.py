@@ -2,8 +2,9 @@
 
 One transaction per round, under an advisory lock so promotions started from anywhere (sensor
 runs, schedules, the CLI, other hosts) never interleave. It promotes whole batches whose
-ledger says `staged`, inserts with ON CONFLICT DO NOTHING, deletes exactly the rows it took
-(by batch id, so workers can keep staging meanwhile), and marks the batches `promoted`. A
+ledger says `staged`, inserts with ON CONFLICT DO NOTHING, adds exactly the rows it inserted
+to the view rollups, deletes exactly the rows it took (by batch id, so workers can keep
+staging meanwhile), and marks the batches `promoted`. A
 staged batch whose rows are gone (a Postgres crash empties UNLOGGED tables) is marked `lost`
 so the caller can hand it back to the queue.
 """
@@ -14,18 +15,24 @@ from dataclasses import dataclass, field
 import psycopg
 
 from orders_pipeline.faults import crash_point
+from orders_pipeline.postgres_patterns.views import PROMOTE_LOCK, ROLLUPS, rollup_upsert
 
-_PROMOTE_LOCK = "orders_pipeline.promote"
 ORDER_COLUMNS = (
     "order_id", "customer_id", "product_id", "quantity", "unit_price", "currency",
     "zip_code", "order_timestamp", "total_amount", "total_amount_usd", "category", "region",
     "shipping_zone", "batch_id",
 )
 _COLUMNS = ", ".join(ORDER_COLUMNS)
+# Insert the batches' rows and fold exactly the rows inserted into the view rollups.
 _INSERT_ORDERS = f"""
-INSERT INTO orders ({_COLUMNS})
-SELECT {_COLUMNS} FROM orders_staging WHERE batch_id = ANY(%s)
-ON CONFLICT (order_id) DO NOTHING
+WITH inserted AS (
+    INSERT INTO orders ({_COLUMNS})
+    SELECT {_COLUMNS} FROM orders_staging WHERE batch_id = ANY(%(batches)s)
+    ON CONFLICT (order_id) DO NOTHING
+    RETURNING order_timestamp, category, product_id, quantity, total_amount_usd
+), {", ".join(f"add_to_{rollup} AS ({rollup_upsert(rollup, 'inserted')})"
+         for rollup in ROLLUPS)}
+SELECT count(*) FROM inserted
 """
 
 
@@ -55,7 +62,7 @@ def promote_round(conn: psycopg.Connection, max_batches: int = 400) -> Promotion
     started = time.perf_counter()
     result = PromotionResult()
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_PROMOTE_LOCK,))
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
         ledger = dict(conn.execute(
             "SELECT batch_id, staged_rows FROM ingest_batches WHERE status = 'staged'"
             " ORDER BY staged_at, batch_id LIMIT %s FOR UPDATE", (max_batches,)).fetchall())
@@ -67,7 +74,7 @@ def promote_round(conn: psycopg.Connection, max_batches: int = 400) -> Promotion
         ready = [b for b, rows in ledger.items() if present.get(b, 0) == rows]
         result.lost_batches = [b for b in ledger if b not in set(ready)]
         if ready:
-            inserted = conn.execute(_INSERT_ORDERS, (ready,)).rowcount
+            inserted = conn.execute(_INSERT_ORDERS, {"batches": ready}).fetchone()[0]
             crash_point("mid_promotion")
             conn.execute("DELETE FROM orders_staging WHERE batch_id = ANY(%s)", (ready,))
             conn.execute("UPDATE ingest_batches SET status = 'promoted', promoted_at = now()"

@@ -6,6 +6,7 @@ import psycopg
 from psycopg import sql
 
 from orders_pipeline.connections import pg_connect
+from orders_pipeline.postgres_patterns.views import rebuild_rollups
 from orders_pipeline.settings import PostgresSettings
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -36,13 +37,17 @@ def sql_files() -> list[Path]:
 
 
 def apply_schema(conn: psycopg.Connection) -> list[str]:
-    """Apply every file in `sql/` in order, in one transaction; returns the files applied."""
+    """Apply every file in `sql/` in order, in one transaction; returns the files applied.
+
+    Then fills the view rollups from existing orders if they are new (and so empty).
+    """
     applied = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_SCHEMA_LOCK,))
         for path in sql_files():
             conn.execute(path.read_text())
             applied.append(path.name)
+    rebuild_rollups(conn, only_if_empty=True)
     return applied
 
 

@@ -9,6 +9,48 @@ from psycopg import sql
 
 VIEWS = ("sales_hourly", "product_performance_daily")
 _REFRESH_LOCK = "orders_pipeline.refresh_views"
+PROMOTE_LOCK = "orders_pipeline.promote"
+
+# rollup table -> (its key columns, the expressions that compute them from an order row).
+# The SQL below is assembled from these constants only, never from input.
+ROLLUPS = {
+    "sales_hourly_rollup": ("hour, category",
+                            "date_trunc('hour', order_timestamp, 'UTC'), category"),
+    "product_daily_rollup": ("day, product_id",
+                             "(order_timestamp AT TIME ZONE 'UTC')::date, product_id"),
+}
+
+
+def rollup_upsert(rollup: str, source: str) -> str:
+    """SQL adding the orders of `source` (a table or CTE name) to one rollup table."""
+    key, expressions = ROLLUPS[rollup]
+    return f"""
+    INSERT INTO {rollup} AS r
+    SELECT {expressions}, count(*), sum(quantity), sum(total_amount_usd)
+    FROM {source} GROUP BY 1, 2
+    ON CONFLICT ({key}) DO UPDATE SET
+        order_count = r.order_count + EXCLUDED.order_count,
+        units_sold = r.units_sold + EXCLUDED.units_sold,
+        revenue_usd = r.revenue_usd + EXCLUDED.revenue_usd"""
+
+
+def rebuild_rollups(conn: psycopg.Connection, *, only_if_empty: bool = False) -> bool:
+    """Recompute the rollups from `orders`, serialised with promotion; True if it did.
+
+    For a database that had orders before the rollups existed, or after `orders` was
+    changed by hand; promotion keeps them current otherwise.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
+        if only_if_empty and conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM sales_hourly_rollup)"
+                " OR EXISTS (SELECT 1 FROM product_daily_rollup)"
+                " OR NOT EXISTS (SELECT 1 FROM orders)").fetchone()[0]:
+            return False
+        for rollup in ROLLUPS:
+            conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(rollup)))
+            conn.execute(rollup_upsert(rollup, "orders"))
+    return True
 
 
 def refresh_view(conn: psycopg.Connection, view: str) -> float:
