@@ -74,7 +74,10 @@ def _endpoint(pg: PostgresSettings, *, via_pgbouncer: bool = False) -> str:
 def _postgres_error(exc: psycopg.OperationalError, pg: PostgresSettings, endpoint: str) -> str:
     """One line saying what went wrong reaching Postgres, without libpq's multi-line text."""
     text = " ".join(str(exc).split())
-    if "password authentication failed" in text or "no password supplied" in text:
+    # PgBouncer words a wrong SCRAM password as "SASL authentication failed".
+    if any(failure in text for failure in ("password authentication failed",
+                                           "SASL authentication failed",
+                                           "no password supplied")):
         return f"password authentication failed for user {pg.user!r} ({endpoint})"
     if "does not exist" in text and "database" in text:
         return (f"database {pg.dbname!r} does not exist ({endpoint}); "

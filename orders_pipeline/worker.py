@@ -9,6 +9,7 @@ its staging transaction commits. It leaves Redis altogether only at promotion.
 import contextlib
 import logging
 import os
+import resource
 import socket
 import time
 import uuid
@@ -68,6 +69,7 @@ class WorkerStats:
     seconds: float = 0.0
     workers: int = 1
     per_worker_seconds: list[float] = field(default_factory=list)
+    peak_rss_kib: list[int] = field(default_factory=list)
 
     def add_batch(self, report: BatchReport) -> None:
         self.batches += 1
@@ -82,6 +84,7 @@ class WorkerStats:
                      "reclaimed_batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.per_worker_seconds.append(other.seconds)
+        self.peak_rss_kib += other.peak_rss_kib
 
     @property
     def rows_per_second(self) -> float:
@@ -189,5 +192,6 @@ class StagingWorker:
             if on_batch is not None:
                 on_batch(report)
         stats.seconds = time.perf_counter() - started
+        stats.peak_rss_kib = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]
         return stats
 

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -20,12 +21,20 @@ from orders_pipeline.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for a test's own server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """Dagster resources pointing at a test's own database and key prefix."""
     r, p, t = settings.redis, settings.postgres, settings.pipeline
     return {
-        "redis": RedisResource(host=r.host, port=r.port, db=r.db, password=r.password,
-                               ssl=r.ssl, key_prefix=r.key_prefix,
+        "redis": RedisResource(host=r.host, port=r.port, db=r.db, username=r.username,
+                               password=r.password, ssl=r.ssl, ssl_ca_certs=r.ssl_ca_certs,
+                               key_prefix=r.key_prefix,
                                dedup_window_seconds=t.dedup_window_seconds,
                                max_queue_depth=t.max_queue_depth,
                                lookup_ttl_seconds=t.lookup_ttl_seconds,
@@ -34,7 +43,8 @@ def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
                                      password=p.password, dbname=p.dbname,
                                      pgbouncer_host=p.pgbouncer_host,
                                      pgbouncer_port=p.pgbouncer_port,
-                                     use_pgbouncer=p.use_pgbouncer),
+                                     use_pgbouncer=p.use_pgbouncer, sslmode=p.sslmode,
+                                     sslrootcert=p.sslrootcert),
     }
 
 
@@ -47,7 +57,10 @@ def pipeline_env(settings: Settings, **overrides: str) -> dict[str, str]:
         "POSTGRES_PASSWORD": p.password or "", "POSTGRES_DB": p.dbname,
         "PGBOUNCER_HOST": p.pgbouncer_host, "PGBOUNCER_PORT": str(p.pgbouncer_port),
         "USE_PGBOUNCER": "true" if p.use_pgbouncer else "false",
+        "POSTGRES_SSLMODE": p.sslmode, "POSTGRES_SSLROOTCERT": p.sslrootcert or "",
         "REDIS_HOST": r.host, "REDIS_PORT": str(r.port), "REDIS_KEY_PREFIX": r.key_prefix,
+        "REDIS_USERNAME": r.username or "", "REDIS_PASSWORD": r.password or "",
+        "REDIS_SSL": "true" if r.ssl else "false", "REDIS_SSL_CA_CERTS": r.ssl_ca_certs or "",
         "BATCH_SIZE": str(settings.pipeline.batch_size),
         "WORKER_COUNT": str(settings.pipeline.worker_count),
         "CLAIM_TIMEOUT_SECONDS": str(settings.pipeline.claim_timeout_seconds),
