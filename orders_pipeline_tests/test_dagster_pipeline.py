@@ -1,5 +1,6 @@
 """End to end through Dagster: the asset graph on real Redis, PgBouncer and Postgres."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,22 @@ def test_staging_config_workers(settings: Settings, rconn: redis.Redis, pg: psyc
     assert meta["workers"].value == workers
     assert meta["batches"].value == 8
     assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 4_000
+
+
+def test_warning_checks_flag_rejects_and_deep_queue(settings: Settings, rconn: redis.Redis,
+                                                    pg: psycopg.Connection) -> None:
+    push_orders(settings, rconn, pg, 2_000, invalid=0.2)
+    result = dg.materialize(ALL_ASSETS, resources=resources_for(settings),
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success  # warnings never fail the run
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    rejected = evaluations["rejected_rate_below_threshold"]
+    assert not rejected.passed and rejected.severity == dg.AssetCheckSeverity.WARN
+    assert rejected.metadata["rejected_rate"].value == pytest.approx(0.2)
+    assert evaluations["queue_depth_within_limit"].passed
+
+    push_orders(settings, rconn, pg, 50, batch_size=50)
+    shallow = resources_for(dataclasses.replace(settings, pipeline=dataclasses.replace(
+        settings.pipeline, max_queue_depth=10)))["redis"]
+    deep = checks.queue_depth_within_limit(redis=shallow)
+    assert not deep.passed and deep.metadata["queue_depth"].value == 50

@@ -1,11 +1,12 @@
 import dagster as dg
 
 from orders_pipeline.assets.lookup import lookup_cache
-from orders_pipeline.assets.orders import promoted_orders
+from orders_pipeline.assets.orders import promoted_orders, staged_orders
 from orders_pipeline.assets.views import product_performance_daily, sales_hourly
 from orders_pipeline.conservation import check_conservation
 from orders_pipeline.postgres_patterns.views import view_vs_orders
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.resources import PostgresResource, RedisResource
 
 
@@ -73,3 +74,32 @@ def orders_conservation(redis: RedisResource,
         books = check_conservation(redis.client(), redis.key_space(), conn)
     return dg.AssetCheckResult(passed=books.balanced, metadata={
         name: int(value) for name, value in books.as_dict().items()})
+
+
+REJECTED_RATE_WARN = 0.05
+
+
+@dg.asset_check(asset=staged_orders, description=f"""
+Warns when more than {REJECTED_RATE_WARN:.0%} of the orders claimed in the last hour were
+rejected (read from the batch ledger `ingest_batches`): usually a producer sending a new,
+broken format. The rejects themselves are in `orders_rejected` with their reasons.""")
+def rejected_rate_below_threshold(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn:
+        claimed, rejected = conn.execute(
+            "SELECT coalesce(sum(claimed_rows), 0), coalesce(sum(rejected_rows), 0)"
+            " FROM ingest_batches WHERE staged_at > now() - interval '1 hour'").fetchone()
+    rate = rejected / claimed if claimed else 0.0
+    return dg.AssetCheckResult(
+        passed=rate <= REJECTED_RATE_WARN, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"rejected_rate": float(rate), "claimed_last_hour": int(claimed),
+                  "rejected_last_hour": int(rejected), "threshold": REJECTED_RATE_WARN})
+
+
+@dg.asset_check(asset=staged_orders, description="""
+Warns while the ingestion queue `{P}:ingestion` is deeper than `MAX_QUEUE_DEPTH`, i.e.
+producers are being held back by backpressure: add workers or look for a stalled run.""")
+def queue_depth_within_limit(redis: RedisResource) -> dg.AssetCheckResult:
+    depth = OrderQueue(redis.client(), redis.key_space()).depth()
+    return dg.AssetCheckResult(
+        passed=depth <= redis.max_queue_depth, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"queue_depth": depth, "max_queue_depth": redis.max_queue_depth})

@@ -7,7 +7,9 @@ from orders_pipeline.assets.tables import PRODUCT_DAILY_SCHEMA, SALES_HOURLY_SCH
 from orders_pipeline.postgres_patterns.views import refresh_view
 from orders_pipeline.resources import PostgresResource
 
-_FRESHNESS = "Refreshed by every ingest run and hourly by the `views_hourly` schedule."
+_FRESHNESS = """Promotion adds every inserted order to the rollup table behind it in the same
+transaction, so a refresh costs time in proportion to the rollup, not to `orders`. Refreshed
+by every ingest run and hourly by the `views_hourly` schedule."""
 
 
 def _refresh(context: dg.AssetExecutionContext, postgres: PostgresResource,
@@ -27,7 +29,8 @@ def _refresh(context: dg.AssetExecutionContext, postgres: PostgresResource,
     retry_policy=RETRY,
     description=f"""
 **Hourly sales by category**: the materialized view `sales_hourly`
-(hour in UTC, category, order_count, units_sold, revenue_usd) over `orders`.
+(hour in UTC, category, order_count, units_sold, revenue_usd) of the orders in `orders`,
+kept in the rollup table `sales_hourly_rollup`.
 
 Refreshed with `REFRESH MATERIALIZED VIEW CONCURRENTLY` (unique index on hour, category), so
 dashboards reading it are never blocked. {_FRESHNESS}
@@ -48,7 +51,8 @@ def sales_hourly(context: dg.AssetExecutionContext,
     retry_policy=RETRY,
     description=f"""
 **Daily performance per product**: the materialized view `product_performance_daily`
-(day in UTC, product_id, order_count, units_sold, revenue_usd) over `orders`.
+(day in UTC, product_id, order_count, units_sold, revenue_usd) of the orders in `orders`,
+kept in the rollup table `product_daily_rollup`.
 
 Refreshed with `REFRESH MATERIALIZED VIEW CONCURRENTLY` (unique index on day, product_id).
 {_FRESHNESS}
