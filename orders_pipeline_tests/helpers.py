@@ -135,4 +135,4 @@ def assert_exactly_once(settings: Settings, rconn: redis.Redis, pg: psycopg.Conn
     keys = RedisKeys(settings.redis.key_prefix)
     assert rconn.llen(keys.ingestion) == 0
     assert rconn.zcard(keys.inflight) == 0 and rconn.zcard(keys.staged) == 0
-    assert not list(rconn.scan_iter(match=f"{keys.prefix}:batch:*"))
+    assert not list(rconn.scan_iter(match=f"{keys.prefix}:batch:*", count=10_000))

@@ -163,6 +163,15 @@ class OrderQueue:
     def in_flight_batches(self) -> int:
         return int(self.client.zcard(self.keys.inflight))
 
+    def server_run_id(self) -> str:
+        """The Redis process's random run id, new on every start.
+
+        An acknowledged push is only as durable as the server's persistence: a producer that
+        notes the run id with its pushes and later sees another knows the server restarted
+        in between, and (without AOF) that what it pushed before may be gone.
+        """
+        return str(self.client.info("server")["run_id"])
+
     def _now_ms(self) -> int:
         seconds, micros = self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000
