@@ -20,6 +20,9 @@ from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_m
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.settings import PipelineSettings, PostgresSettings, RedisSettings, Settings
 
+# The `dagit` fixture (a real `dagster dev`), shared by the webserver and browser tests.
+pytest_plugins = ["orders_pipeline_tests.dagit"]
+
 
 def _port_open(host: str, port: int) -> bool:
     try:

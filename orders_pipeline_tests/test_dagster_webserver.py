@@ -4,77 +4,17 @@ Lists the five assets and their lineage as the UI does, launches "Materialize al
 UI's button does, then publishes orders through the CLI and waits for the sensor's run.
 """
 
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from orders_pipeline.settings import Settings
+from orders_pipeline_tests.dagit import ASSET_LINEAGE, Dagit
 from orders_pipeline_tests.helpers import REPO, dagster_env, pipeline_env
-
-ASSET_LINEAGE = {
-    "lookup_cache": set(),
-    "staged_orders": {"lookup_cache"},
-    "promoted_orders": {"staged_orders"},
-    "sales_hourly": {"promoted_orders"},
-    "product_performance_daily": {"promoted_orders"},
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Dagit:
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-
-    def graphql(self, query: str, variables: dict[str, object] | None = None) -> dict:
-        body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        request = urllib.request.Request(f"{self.url}/graphql", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            payload = json.loads(response.read())
-        assert "errors" not in payload, payload
-        return payload["data"]
-
-    def wait_ready(self, process: subprocess.Popen, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "dagster dev exited early"
-            try:
-                with urllib.request.urlopen(f"{self.url}/server_info", timeout=2):
-                    pass
-                data = self.graphql("{ assetNodes { assetKey { path } } }")
-                if data["assetNodes"]:
-                    return
-            except (OSError, AssertionError):
-                pass
-            time.sleep(1)
-        raise TimeoutError("dagster dev did not answer")
-
-    def wait_run(self, run_id: str, timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        status = "UNKNOWN"
-        while time.monotonic() < deadline:
-            data = self.graphql("query($id: ID!) { runOrError(runId: $id) {"
-                                " ... on Run { status } } }", {"id": run_id})
-            status = data["runOrError"]["status"]
-            if status in {"SUCCESS", "FAILURE", "CANCELED"}:
-                return status
-            time.sleep(1)
-        return status
 
 
 @pytest.fixture
@@ -89,27 +29,9 @@ def signals_while_daemon_down(settings: Settings, tmp_path: Path) -> int:
 
 
 @pytest.fixture
-def dagit(settings: Settings, tmp_path: Path, signals_while_daemon_down: int
-          ) -> Iterator[Dagit]:
-    port = _free_port()
-    log = open(tmp_path / "dagster-dev.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster")), "dev", "-p", str(port),
-         "-h", "127.0.0.1", "-w", "workspace.yaml"],
-        cwd=REPO, env=dagster_env(settings, tmp_path / "home"), stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        client = Dagit(port)
-        client.wait_ready(process)
-        yield client
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+def dagit_settings(settings: Settings, signals_while_daemon_down: int) -> Settings:
+    """Dagster starts only after those signals were sent."""
+    return settings
 
 
 def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Settings,
