@@ -95,33 +95,40 @@ def test_redelivered_batch_is_not_its_own_duplicate(cached: Settings, rconn: red
 
 def _soak(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, total: int,
           kills: int) -> None:
+    """Rounds of 2 worker processes; in each, one is SIGKILLed at a random moment mid-work."""
     payloads, _ = push_orders(settings, rconn, pg, total, batch_size=5000, duplicates=0.05,
                               invalid=0.01)
     rng = random.Random(2026)
     env = pipeline_env(settings, CLAIM_TIMEOUT_SECONDS=str(LEASE_SECONDS))
     keys = RedisKeys(settings.redis.key_prefix)
-    for _ in range(kills):
-        workers = [subprocess.Popen([*CLI, "process", "--workers", "1", "--batch-size", "2000"],
+    done = 0
+    while done < kills and rconn.llen(keys.ingestion):
+        claimed_before = rconn.hlen(keys.owners)
+        workers = [subprocess.Popen([*CLI, "process", "--workers", "1", "--batch-size", "1000",
+                                     "--iterations", "8"],
                                     cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
                    for _ in range(2)]
-        time.sleep(rng.uniform(1.5, 4.0))
+        deadline = time.monotonic() + 60
+        while rconn.hlen(keys.owners) <= claimed_before and time.monotonic() < deadline:
+            time.sleep(0.01)  # wait until the workers are claiming, then strike
+        time.sleep(rng.uniform(0.0, 0.3))
         victim = rng.choice(workers)
         if victim.poll() is None:
             os.killpg(victim.pid, signal.SIGKILL)
+            done += 1
         for worker in workers:
             worker.wait(timeout=300)
         if rng.random() < 0.5:
             run_cli(settings, "promote")
-        if not rconn.llen(keys.ingestion):
-            break
+    assert done == kills, f"only {done} of {kills} kills landed while a worker was working"
     recover(settings, rconn)
     assert_exactly_once(settings, rconn, pg, payloads)
 
 
 def test_soak_random_kills_small(cached: Settings, rconn: redis.Redis,
                                  pg: psycopg.Connection) -> None:
-    _soak(cached, rconn, pg, total=40_000, kills=4)
+    _soak(cached, rconn, pg, total=60_000, kills=4)
 
 
 @pytest.mark.slow
