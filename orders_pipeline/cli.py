@@ -23,7 +23,12 @@ from psycopg_pool import PoolTimeout
 from tqdm import tqdm
 
 from orders_pipeline import generator, pipeline
-from orders_pipeline.benchmark import render_benchmark, run_benchmark
+from orders_pipeline.benchmark import (
+    BenchmarkFailed,
+    BenchmarkOptions,
+    render_benchmark,
+    run_benchmark,
+)
 from orders_pipeline.connections import close_all, pg_connect, redis_client
 from orders_pipeline.postgres_patterns.schema import (
     SchemaMissing,
@@ -287,17 +292,21 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_benchmark(settings: Settings, args: argparse.Namespace) -> int:
     _check_postgres(settings, admin=True, pooled=True)
     _check_redis(settings)
-    result = run_benchmark(
-        settings, total=args.total, batch_size=args.batch_size or settings.pipeline.batch_size,
+    options = BenchmarkOptions(
+        total=args.total, batch_size=args.batch_size or settings.pipeline.batch_size,
         workers=args.workers or settings.pipeline.worker_count, duplicates=args.duplicates,
-        invalid=args.invalid, show_progress=_tty())
+        invalid=args.invalid, preload=args.preload, fresh_batch=args.fresh_batch,
+        raw_sample=args.raw_sample, raw_repeats=args.raw_repeats,
+        refresh_every=args.refresh_every, dashboard_interval=args.dashboard_interval,
+        seed=args.seed)
+    result = run_benchmark(settings, options, show_progress=_tty())
     _out(render_benchmark(result))
     args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     _out(f"results written to {args.output}")
     orders = result["orders"]
     if not orders["verified"]:
         raise CliError(f"benchmark lost orders: {orders['orders_rows']:,} in orders, expected "
-                       f"{orders['unique_valid']:,}")
+                       f"{orders['expected_rows']:,}")
     return 0
 
 
@@ -356,6 +365,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -442,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object instead of the table")
 
     sub = command("benchmark", cmd_benchmark,
-                  "Time every stage on a throwaway database and key prefix (both removed "
-                  "afterwards).")
+                  "Run the pipeline end to end (producer, workers, promoter and a dashboard "
+                  "at once) and the raw limit of each stage, on a throwaway database and key "
+                  "prefix (both removed afterwards).")
     sub.add_argument("--total", type=_positive_int, required=True, metavar="N",
                      help="orders to push through the pipeline")
     sub.add_argument("--batch-size", type=_positive_int, metavar="B",
@@ -457,6 +477,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--output", type=Path, default=Path("benchmark-results.json"),
                      metavar="PATH", help="where to write the JSON results "
                                           "(default benchmark-results.json)")
+    sub.add_argument("--preload", type=_non_negative_int, default=0, metavar="M",
+                     help="first COPY M orders straight into orders, spread over 90 days "
+                          "(default 0)")
+    sub.add_argument("--fresh-batch", type=_non_negative_int, default=0, metavar="K",
+                     help="after the run, time promotion + refresh of one K-order batch "
+                          "(default 0: skip)")
+    sub.add_argument("--raw-sample", type=_non_negative_int, metavar="R",
+                     help="orders for the raw limits (default min(N, 200000); 0: skip)")
+    sub.add_argument("--raw-repeats", type=_positive_int, default=3, metavar="K",
+                     help="runs of each raw limit; the median is reported (default 3)")
+    sub.add_argument("--refresh-every", type=_positive_float, default=1.0, metavar="SECONDS",
+                     help="least time between view refreshes while ingesting (default 1)")
+    sub.add_argument("--dashboard-interval", type=_positive_float, default=0.25,
+                     metavar="SECONDS", help="pause between dashboard queries (default 0.25)")
+    sub.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
 
     command("listen", cmd_listen,
             "Bridge completion signals that upstream systems only PUBLISH into the durable "
@@ -500,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (CliError, LookupCacheMissing, pipeline.WorkerFailed) as exc:
+    except (CliError, LookupCacheMissing, pipeline.WorkerFailed, BenchmarkFailed) as exc:
         message, code = str(exc), 1
     except ConfigError as exc:
         message, code = f"bad configuration: {exc}", 1

@@ -8,6 +8,7 @@ import multiprocessing as mp
 import queue as queue_module
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.synchronize import Event
 
 from orders_pipeline.connections import pg_pool, redis_client
 from orders_pipeline.postgres_patterns.promotion import (
@@ -15,7 +16,7 @@ from orders_pipeline.postgres_patterns.promotion import (
     batch_statuses,
     promote_round,
 )
-from orders_pipeline.postgres_patterns.views import refresh_views
+from orders_pipeline.postgres_patterns.views import ROLLUPS, refresh_views
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
@@ -26,10 +27,16 @@ class WorkerFailed(RuntimeError):
     """A staging worker process raised or died; its batch stays in flight for reclaim."""
 
 
+def _waiting_for(producer_done: Event | None) -> Callable[[], bool] | None:
+    """While the producer is not done, an empty queue is a lull, not the end."""
+    return None if producer_done is None else lambda: not producer_done.is_set()
+
+
 def _worker_main(settings: Settings, batch_size: int, max_batches: int | None,
-                 reports: "mp.Queue[object]") -> None:
+                 reports: "mp.Queue[object]", producer_done: Event | None) -> None:
     try:
-        stats = StagingWorker(settings).drain(batch_size, max_batches, on_batch=reports.put)
+        stats = StagingWorker(settings).drain(batch_size, max_batches, on_batch=reports.put,
+                                              wait_while=_waiting_for(producer_done))
         reports.put(("done", stats))
     except BaseException as exc:  # reported to the parent, which fails the run
         reports.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -38,16 +45,23 @@ def _worker_main(settings: Settings, batch_size: int, max_batches: int | None,
 
 def stage_queue(settings: Settings, *, workers: int, batch_size: int,
                 max_batches: int | None = None,
-                on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
-    """Drain the queue into staging with `workers` processes (1 = in this process)."""
+                on_batch: Callable[[BatchReport], None] | None = None,
+                producer_done: Event | None = None) -> WorkerStats:
+    """Drain the queue into staging with `workers` processes (1 = in this process).
+
+    With `producer_done` (an Event of the "spawn" context) workers keep waiting at an
+    empty queue until it is set, so they can run beside a producer that is still pushing.
+    """
     if workers <= 1:
-        stats = StagingWorker(settings).drain(batch_size, max_batches, on_batch)
+        stats = StagingWorker(settings).drain(batch_size, max_batches, on_batch,
+                                              wait_while=_waiting_for(producer_done))
         stats.per_worker_seconds = [stats.seconds]
         return stats
     ctx = mp.get_context("spawn")
     reports: mp.Queue[object] = ctx.Queue()
     processes = [ctx.Process(target=_worker_main, name=f"staging-worker-{i}",
-                             args=(settings, batch_size, max_batches, reports), daemon=True)
+                             args=(settings, batch_size, max_batches, reports, producer_done),
+                             daemon=True)
                  for i in range(workers)]
     total = WorkerStats(workers=workers)
     errors: list[str] = []
@@ -108,6 +122,12 @@ def reconcile_batches(settings: Settings) -> Reconciled:
     return Reconciled(len(promoted), len(lost))
 
 
+# Promotion deletes every row it takes from staging and rewrites rollup rows: reclaim that
+# space after each promotion, or every later round scans the dead rows again (autovacuum, if
+# it runs at all, wakes once a minute: minutes of staged rows at full speed).
+_AFTER_PROMOTION = f"VACUUM (SKIP_LOCKED) orders_staging, {', '.join(ROLLUPS)}"
+
+
 def promote_staged(settings: Settings, max_batches_per_round: int = 400) -> PromotionResult:
     """Promote every staged batch, releasing each round's batches from Redis after commit."""
     client = redis_client(settings.redis)
@@ -122,6 +142,12 @@ def promote_staged(settings: Settings, max_batches_per_round: int = 400) -> Prom
             total.add(result)
             if len(result.promoted_batches) + len(result.lost_batches) < max_batches_per_round:
                 break
+        if total.promoted_batches:
+            conn.autocommit = True  # VACUUM cannot run inside a transaction
+            try:
+                conn.execute(_AFTER_PROMOTION)
+            finally:
+                conn.autocommit = False
     return total
 
 

@@ -37,6 +37,20 @@ TRANSIENT_RETRIES = 6
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, psycopg.OperationalError,
     psycopg_pool.PoolTimeout)
+IDLE_POLL_SECONDS = 0.02
+
+
+class StepClock:
+    """Seconds per step of one batch, so a benchmark can rate each stage of the worker."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._last
+        self._last = now
 
 
 @dataclass
@@ -49,6 +63,7 @@ class BatchReport:
     seconds: float
     outcome: str
     reclaimed: bool
+    steps: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         rate = self.claimed / self.seconds if self.seconds else 0.0
@@ -70,6 +85,9 @@ class WorkerStats:
     workers: int = 1
     per_worker_seconds: list[float] = field(default_factory=list)
     peak_rss_kib: list[int] = field(default_factory=list)
+    # Time spent on batches (claim to hand-over), summed over workers: not idle polling.
+    busy_seconds: float = 0.0
+    step_seconds: dict[str, float] = field(default_factory=dict)
 
     def add_batch(self, report: BatchReport) -> None:
         self.batches += 1
@@ -78,6 +96,7 @@ class WorkerStats:
         self.rejected += report.rejected
         self.staged += report.staged
         self.reclaimed_batches += int(report.reclaimed)
+        self._add_steps(report.steps)
 
     def merge(self, other: "WorkerStats") -> None:
         for name in ("batches", "claimed", "duplicates", "rejected", "staged",
@@ -85,6 +104,12 @@ class WorkerStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.per_worker_seconds.append(other.seconds)
         self.peak_rss_kib += other.peak_rss_kib
+        self._add_steps(other.step_seconds)
+
+    def _add_steps(self, steps: dict[str, float]) -> None:
+        for step, seconds in steps.items():
+            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + seconds
+            self.busy_seconds += seconds
 
     @property
     def rows_per_second(self) -> float:
@@ -117,13 +142,17 @@ class StagingWorker:
     def process(self, batch: ClaimedBatch) -> BatchReport:
         crash_point("after_claim")
         started = time.perf_counter()
+        clock = StepClock()
         payloads = batch.payloads
         parsed = transform.parse_payloads(payloads)
+        clock.lap("parse")
         valid, invalid = transform.validate_values(parsed.rows)
         lookups = self._fetch_lookups(transform.lookup_ids(valid))
         enriched, unknown = transform.enrich(valid, lookups)
+        clock.lap("transform")
         tokens = [f"{batch.batch_id}:{p}" for p in enriched["batch_position"].to_list()]
         keep = self.dedup.check_and_mark(enriched["order_id"].to_list(), tokens)
+        clock.lap("dedup")
         crash_point("after_dedup")
         staged = enriched.filter(pl.Series(keep, dtype=pl.Boolean)) if keep else enriched
         rejects = pl.concat([
@@ -131,14 +160,17 @@ class StagingWorker:
             transform.rejects_from(pl.concat([invalid, unknown]), payloads),
         ])
         duplicates = enriched.height - staged.height
+        clock.lap("transform")
         with pg_pool(self.settings.postgres).connection() as conn:
             outcome = stage_batch(conn, StagingBatch(
                 batch.batch_id, len(payloads), staged, rejects, duplicates))
+        clock.lap("copy")
         crash_point("after_copy")
         self._hand_over(batch, outcome, staged)
+        clock.lap("hand_over")
         return BatchReport(batch.batch_id, len(payloads), duplicates, rejects.height,
                            staged.height, time.perf_counter() - started, outcome.value,
-                           batch.reclaimed)
+                           batch.reclaimed, clock.seconds)
 
     def _fetch_lookups(self, ids: dict[str, list[str]]) -> dict[str, pl.DataFrame]:
         try:
@@ -179,15 +211,28 @@ class StagingWorker:
                     self.queue.extend_lease(batch)
 
     def drain(self, batch_size: int, max_batches: int | None = None,
-              on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
-        """Process batches until the queue is empty (or `max_batches` were processed)."""
+              on_batch: Callable[[BatchReport], None] | None = None,
+              wait_while: Callable[[], bool] | None = None) -> WorkerStats:
+        """Process batches until the queue is empty (or `max_batches` were processed).
+
+        With `wait_while`, an empty queue ends the drain only once it returns False: a
+        worker running beside a producer waits for more instead of quitting at a lull. It
+        is read before each claim, so an empty claim after False means nothing is left.
+        """
         stats = WorkerStats()
         started = time.perf_counter()
         while max_batches is None or stats.batches < max_batches:
+            more_coming = wait_while is not None and wait_while()
+            claim_started = time.perf_counter()
             batch = self.next_batch(batch_size)
             if batch is None:
+                if more_coming:
+                    time.sleep(IDLE_POLL_SECONDS)
+                    continue
                 break
+            claim_seconds = time.perf_counter() - claim_started
             report = self._process_with_retries(batch)
+            report.steps["claim"] = claim_seconds
             stats.add_batch(report)
             if on_batch is not None:
                 on_batch(report)

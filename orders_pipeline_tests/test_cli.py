@@ -217,6 +217,12 @@ def test_benchmark_writes_results_and_leaves_nothing_behind(
     assert result["end_to_end"]["orders_per_second"] > 0
     assert result["orders"]["verified"] and result["orders"]["orders_rows"] == 5000
     assert result["peak_rss_kib"]["self"] > 0 and result["machine"]["postgres_server"]
+    assert {"producer", "promoter", "dashboard", "workers", "raw_limits"} <= set(
+        result["peak_rss_kib"])
+    assert [c["stage"] for c in result["comparisons"]] == [
+        "push", "claim", "dedup", "parse", "transform", "copy", "promote"]
+    assert result["raw_limits"]["limits"]["views_match_full_recompute"]["value"]
+    assert result["dashboard"]["all"]["count"] > 0
     after = {r[0] for r in pg.execute(bench_dbs)}
     assert result["database"] not in after and after <= before
     assert not list(rconn.scan_iter(match=f"{result['key_prefix']}:*"))
