@@ -47,7 +47,7 @@ from orders_pipeline.redis_patterns.lookup_cache import (
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.redis_patterns.signals import CompletionSignals
 from orders_pipeline.settings import ConfigError, PostgresSettings, Settings, load_env_file
-from orders_pipeline.stats import collect_stats, render_stats
+from orders_pipeline.stats import collect_stats, render_stats, throughput_line
 
 PROG = "orders-pipeline"
 PREFLIGHT_TIMEOUT_SECONDS = 3
@@ -276,11 +276,7 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         while True:
             stats = collect_stats(settings)
             now = time.monotonic()
-            if previous is None:
-                throughput = "throughput: measuring…"
-            else:
-                rate = (stats["orders_rows"] - previous[1]) / (now - previous[0])
-                throughput = f"throughput: {rate:,.0f} orders/s into orders"
+            throughput = throughput_line(stats, previous, now)
             previous = (now, stats["orders_rows"])
             print(f"{CLEAR_SCREEN}{render_stats(stats)}\n\n{throughput}  "
                   f"(every {args.interval:g} s, Ctrl-C to stop)", flush=True)

@@ -173,3 +173,24 @@ def render_stats(stats: dict[str, Any]) -> str:
     lines += ["\nOrders per minute, last hour (by order time)",
               f"  │{sparkline(series)}│ peak {max(series, default=0):,}/min"]
     return "\n".join(lines)
+
+
+def throughput_line(stats: dict[str, Any], previous: tuple[float, int] | None,
+                    now: float) -> str:
+    """For `stats --watch`: orders/s into `orders` since the last snapshot, and the lag.
+
+    The lag is how long the orders not yet in `orders` (queued, in flight, awaiting
+    promotion) take to get there at that rate.
+    """
+    if previous is None or now <= previous[0]:
+        return "throughput: measuring…"
+    rate = (stats["orders_rows"] - previous[1]) / (now - previous[0])
+    behind = stats["queue_depth"] + stats["in_flight"]
+    if behind == 0:
+        lag = "lag: none (all caught up)"
+    elif rate > 0:
+        lag = f"lag: ~{behind / rate:,.0f} s for {behind:,} orders"
+    else:
+        lag = f"lag: {behind:,} orders waiting, none promoted since the last look"
+    pressure = "backpressure ON" if stats["backpressure_active"] else "backpressure off"
+    return f"throughput: {rate:,.0f} orders/s into orders | {lag} | {pressure}"

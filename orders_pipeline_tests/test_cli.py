@@ -23,6 +23,7 @@ from orders_pipeline.connections import pg_connect
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.settings import Settings
+from orders_pipeline.stats import throughput_line
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("orders-pipeline")
 
@@ -226,3 +227,16 @@ def test_benchmark_writes_results_and_leaves_nothing_behind(
     after = {r[0] for r in pg.execute(bench_dbs)}
     assert result["database"] not in after and after <= before
     assert not list(rconn.scan_iter(match=f"{result['key_prefix']}:*"))
+
+
+def test_watch_line_shows_throughput_lag_and_backpressure() -> None:
+    base = {"orders_rows": 1_000, "queue_depth": 4_000, "in_flight": 1_000,
+            "backpressure_active": True}
+    assert throughput_line(base, None, 10.0) == "throughput: measuring…"
+    line = throughput_line(base, (8.0, 0), 10.0)
+    assert line == ("throughput: 500 orders/s into orders | lag: ~10 s for 5,000 orders"
+                    " | backpressure ON")
+    idle = {**base, "queue_depth": 0, "in_flight": 0, "backpressure_active": False}
+    assert "lag: none" in throughput_line(idle, (8.0, 1_000), 10.0)
+    stalled = throughput_line(base, (8.0, 1_000), 10.0)
+    assert "none promoted since the last look" in stalled
