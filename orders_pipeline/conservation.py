@@ -18,6 +18,7 @@ import redis
 
 from orders_pipeline.postgres_patterns.promotion import batch_statuses
 from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.queue import OrderQueue
 
 _LEDGER_TOTALS = """
 SELECT (SELECT count(*) FROM orders),
@@ -63,16 +64,10 @@ class Conservation:
 def unstaged_batch_orders(client: redis.Redis, keys: RedisKeys,
                           conn: psycopg.Connection) -> int:
     """Orders held in Redis batches whose rows the ledger does not account for yet."""
-    batch_ids = [b.decode() for b in (*client.zrange(keys.inflight, 0, -1),
-                                      *client.zrange(keys.staged, 0, -1))]
-    if not batch_ids:
-        return 0
+    queue = OrderQueue(client, keys)
+    batch_ids = queue.claimed_batch_ids() + queue.staged_batch_ids()
     statuses = batch_statuses(conn, batch_ids)
-    pending = [b for b in batch_ids if statuses.get(b) not in ("staged", "promoted")]
-    pipe = client.pipeline(transaction=False)
-    for batch_id in pending:
-        pipe.llen(keys.batch(batch_id))
-    return sum(pipe.execute())
+    return queue.orders_in([b for b in batch_ids if statuses.get(b) not in ("staged", "promoted")])
 
 
 def check_conservation(client: redis.Redis, keys: RedisKeys,

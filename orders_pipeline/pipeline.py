@@ -111,7 +111,7 @@ def reconcile_batches(settings: Settings) -> Reconciled:
     client = redis_client(settings.redis)
     queue = OrderQueue(client, RedisKeys(settings.redis.key_prefix))
     staged = queue.staged_batch_ids()
-    candidates = staged + [b.decode() for b in client.zrange(queue.keys.inflight, 0, -1)]
+    candidates = staged + queue.claimed_batch_ids()
     with pg_pool(settings.postgres).connection() as conn:
         statuses = batch_statuses(conn, candidates)
     promoted = [b for b, s in statuses.items() if s == "promoted"]

@@ -10,7 +10,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from psycopg import sql
 
 from orders_pipeline.connections import pg_connect, redis_client
@@ -22,6 +21,7 @@ from orders_pipeline.redis_patterns.dedup import DedupWindow
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.order_window import OrderRateWindow
+from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
 
 CONSERVATION_TERMS = ("orders", "promotion_conflicts", "rejected", "duplicates_dropped",
@@ -30,17 +30,6 @@ SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 _ROW_COUNTS = {"staging_rows": "orders_staging", "orders_rows": "orders",
                "rejected_rows": "orders_rejected",
                **{f"{view}_rows": view for view in VIEWS}}
-def _batch_orders(client: redis.Redis, keys: RedisKeys, batch_set: str) -> tuple[int, int]:
-    """(batches, orders held in them) for the batches listed in one sorted set."""
-    ids = client.zrange(batch_set, 0, -1)
-    if not ids:
-        return 0, 0
-    pipe = client.pipeline(transaction=False)
-    for batch_id in ids:
-        pipe.llen(keys.batch(batch_id.decode()))
-    return len(ids), sum(pipe.execute())
-
-
 def _postgres_numbers(settings: Settings) -> dict[str, int]:
     with pg_connect(settings.postgres) as conn:
         require_schema(conn)
@@ -64,8 +53,10 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
     keys = RedisKeys(settings.redis.key_prefix)
     tuning = settings.pipeline
     now = time.time()
-    claimed_batches, claimed_orders = _batch_orders(client, keys, keys.inflight)
-    staged_batches, staged_orders = _batch_orders(client, keys, keys.staged)
+    queue = OrderQueue(client, keys)
+    claimed_ids, staged_ids = queue.claimed_batch_ids(), queue.staged_batch_ids()
+    claimed_batches, claimed_orders = len(claimed_ids), queue.orders_in(claimed_ids)
+    staged_batches, staged_orders = len(staged_ids), queue.orders_in(staged_ids)
     per_minute = OrderRateWindow(client, keys).per_minute(now)
     cache = LookupCache(client, keys, tuning.lookup_ttl_seconds)
     stats: dict[str, Any] = {

@@ -95,10 +95,6 @@ def _parse_one(raw: bytes) -> dict[str, object]:
     return out
 
 
-def empty_rejects() -> pl.DataFrame:
-    return pl.DataFrame(schema=REJECT_SCHEMA)
-
-
 def _typed_field_pattern() -> str:
     """A regex matching one top-level field whose JSON literal has the contract's type."""
     literal = {"a string": r'"[^"]*"', "an integer": r"-?(?:0|[1-9][0-9]*)",

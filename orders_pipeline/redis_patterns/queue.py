@@ -149,16 +149,21 @@ class OrderQueue:
     def depth(self) -> int:
         return int(self.client.llen(self.keys.ingestion))
 
-    def in_flight_orders(self) -> int:
-        """Orders held in claimed or staged batches (not yet released)."""
-        ids = [*self.client.zrange(self.keys.inflight, 0, -1),
-               *self.client.zrange(self.keys.staged, 0, -1)]
-        if not ids:
+    def claimed_batch_ids(self) -> list[str]:
+        return [b.decode() for b in self.client.zrange(self.keys.inflight, 0, -1)]
+
+    def orders_in(self, batch_ids: Sequence[str]) -> int:
+        """Orders held in the given batches' lists, in one round trip."""
+        if not batch_ids:
             return 0
         pipe = self.client.pipeline(transaction=False)
-        for batch_id in ids:
-            pipe.llen(self.keys.batch(batch_id.decode()))
+        for batch_id in batch_ids:
+            pipe.llen(self.keys.batch(batch_id))
         return sum(pipe.execute())
+
+    def in_flight_orders(self) -> int:
+        """Orders held in claimed or staged batches (not yet released)."""
+        return self.orders_in(self.claimed_batch_ids() + self.staged_batch_ids())
 
     def in_flight_batches(self) -> int:
         return int(self.client.zcard(self.keys.inflight))
