@@ -9,7 +9,7 @@ from orders_pipeline.connections import pg_connect
 from orders_pipeline.postgres_patterns.views import rebuild_rollups
 from orders_pipeline.settings import PostgresSettings
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 _SCHEMA_LOCK = "orders_pipeline.schema"
 CORE_TABLES = ("products", "currencies", "zip_codes", "orders_staging", "orders",
                "orders_rejected", "ingest_batches", "promotions")
