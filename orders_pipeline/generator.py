@@ -15,12 +15,13 @@ from datetime import UTC, datetime
 import polars as pl
 import psycopg
 
+from orders_pipeline import contract
 from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.queue import OrderQueue
 
-PAYLOAD_SCHEMA = {"order_id": pl.String, "customer_id": pl.Int64, "product_id": pl.String,
-                  "quantity": pl.Int64, "unit_price": pl.Float64, "currency": pl.String,
-                  "zip_code": pl.String, "order_timestamp": pl.String}
+# The payload's fields in contract order; unit_price is written as a JSON number of at most
+# two decimal places (a Float64 rounded to cents prints as its shortest exact literal).
+PAYLOAD_SCHEMA = {**contract.RAW_SCHEMA, "unit_price": pl.Float64()}
 GENERATE_CHUNK = 100_000
 INVALID_KINDS = (
     "bad_json", "missing_field", "negative_quantity", "unknown_product", "unknown_currency",

@@ -8,39 +8,35 @@ that is vectorised Polars expressions over the whole batch.
 
 import io
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 import polars as pl
 
-from orders_pipeline.redis_patterns.keys import MAX_ORDER_ID_LENGTH
+from orders_pipeline import contract
+from orders_pipeline.contract import RAW_SCHEMA
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_QUANTITY = 1_000_000
-MAX_UNIT_PRICE = 1e12
-MAX_TEXT_LENGTH = 64
-
-# field -> (Polars dtype, accepted Python types, type name for messages)
-FIELDS: dict[str, tuple[pl.DataType, tuple[type, ...], str]] = {
-    "order_id": (pl.String(), (str,), "a string"),
-    "customer_id": (pl.Int64(), (int,), "an integer"),
-    "product_id": (pl.String(), (str,), "a string"),
-    "quantity": (pl.Int64(), (int,), "an integer"),
-    "unit_price": (pl.Float64(), (int, float), "a number"),
-    "currency": (pl.String(), (str,), "a string"),
-    "zip_code": (pl.String(), (str,), "a string"),
-    "order_timestamp": (pl.String(), (str,), "a string"),
-}
-RAW_SCHEMA = {name: dtype for name, (dtype, _, _) in FIELDS.items()}
 REJECT_SCHEMA = {"batch_position": pl.Int32, "raw_payload": pl.Binary, "reason": pl.String,
                  "order_id": pl.String}
-_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%z"
+_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "string": ((str,), "a string"),
+    "integer": ((int,), "an integer"),
+    "number": ((int, Decimal), "a number"),
+}
+# Out-of-int64 integers never reach the vectorised rules; they break the same rule.
+_INT_RANGE_REASON = {"customer_id": contract.CUSTOMER_ID_RANGE,
+                     "quantity": contract.QUANTITY_RANGE}
+# Literals the plain-decimal rule rejects for the same reason as an exponent form too large
+# or too fine to write out (1e999999999, 1e-999999999).
+_PRICE_TOO_LARGE_LITERAL = "1" + "0" * (contract.UNIT_PRICE_INT_DIGITS + 1)
+_PRICE_TOO_FINE_LITERAL = "0." + "0" * contract.UNIT_PRICE_SCALE + "1"
 
 
 @dataclass(frozen=True)
 class ParsedBatch:
-    """Typed rows (with `batch_position`) and the payloads that could not be parsed."""
+    """Raw typed rows (RAW_SCHEMA + `batch_position`, in batch order) and the rejects."""
     rows: pl.DataFrame
     rejects: pl.DataFrame
 
@@ -60,14 +56,33 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
+def plain_decimal(value: int | Decimal) -> str:
+    """A JSON number as a plain decimal literal (no exponent), exactly.
+
+    Exponent forms too large or too fine to write out become a literal that breaks the
+    same value rule (`contract.UNIT_PRICE_TOO_LARGE` / `UNIT_PRICE_PLACES`).
+    """
+    if isinstance(value, int):
+        return str(value)
+    sign = "-" if value.is_signed() else ""
+    if value.is_zero():
+        return f"{sign}0"
+    if value.adjusted() > contract.UNIT_PRICE_INT_DIGITS:
+        return sign + _PRICE_TOO_LARGE_LITERAL
+    if value.normalize().as_tuple().exponent < -contract.UNIT_PRICE_SCALE - 1:
+        return sign + _PRICE_TOO_FINE_LITERAL
+    return format(value, "f")
+
+
 def _parse_one(raw: bytes) -> dict[str, object]:
-    """One payload to a dict of typed fields; raises _PayloadError with the reason."""
+    """One payload to a dict of raw typed fields; raises _PayloadError with the reason."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _PayloadError(f"payload is not valid UTF-8 (byte {exc.start})") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=Decimal,
+                         object_pairs_hook=_unique_keys)
     except _PayloadError:
         raise
     except (ValueError, RecursionError) as exc:
@@ -75,18 +90,20 @@ def _parse_one(raw: bytes) -> dict[str, object]:
     if not isinstance(obj, dict):
         raise _PayloadError(f"payload is a JSON {type(obj).__name__}, not an object")
     out: dict[str, object] = {}
-    for name, (_, types, type_name) in FIELDS.items():
-        value = obj.get(name)
-        if value is None:
+    for field in contract.PAYLOAD_FIELDS:
+        name = field.name
+        if name not in obj:
             raise _PayloadError(f"missing field: {name}")
+        value = obj[name]
+        types, type_name = _JSON_TYPES[field.json_type]
         if isinstance(value, bool) or not isinstance(value, types):
-            raise _PayloadError(f"{name} must be {type_name}, got {type(value).__name__}")
-        if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
-            if name == "unit_price":
-                value = float(value) if abs(value) < 1e300 else math.inf
-            else:
-                raise _PayloadError(f"{name} is out of range")
-        if isinstance(value, str) and not value.isascii():
+            got = "null" if value is None else type(value).__name__.replace("Decimal", "float")
+            raise _PayloadError(f"{name} must be {type_name}, got {got}")
+        if field.json_type == "number":
+            value = plain_decimal(value)
+        elif isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+            raise _PayloadError(_INT_RANGE_REASON[name])
+        elif isinstance(value, str) and not value.isascii():
             try:  # JSON may escape a lone surrogate (\ud800), which no column can hold
                 value.encode("utf-8")
             except UnicodeEncodeError:
@@ -95,67 +112,76 @@ def _parse_one(raw: bytes) -> dict[str, object]:
     return out
 
 
+# Literals the fast path vouches for: strings without escapes, integers that fit Int64
+# (at most 18 digits), and plain decimals (no exponent) for numbers.
+_FAST_LITERALS = {"string": r'"[^"]*"', "integer": r"-?(?:0|[1-9][0-9]{0,17})",
+                  "number": r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?"}
+
+
 def _typed_field_pattern() -> str:
-    """A regex matching one top-level field whose JSON literal has the contract's type."""
-    literal = {"a string": r'"[^"]*"', "an integer": r"-?(?:0|[1-9][0-9]*)",
-               "a number": r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"}
+    """A regex matching one field whose JSON literal has the contract's type."""
     by_type: dict[str, list[str]] = {}
-    for name, (_, _, type_name) in FIELDS.items():
-        by_type.setdefault(type_name, []).append(name)
-    return "|".join(rf'"(?:{"|".join(names)})"\s*:\s*{literal[type_name]}\s*[,}}]'
-                    for type_name, names in by_type.items())
+    for field in contract.PAYLOAD_FIELDS:
+        by_type.setdefault(field.json_type, []).append(field.name)
+    return "|".join(rf'"(?:{"|".join(names)})"\s*:\s*{_FAST_LITERALS[json_type]}\s*[,}}]'
+                    for json_type, names in by_type.items())
 
 
-# For a flat object (exactly two braces, no brackets, escapes or control characters) these
-# vectorised counts (each field once, each of the right JSON type) vouch for the types, so
-# Polars may parse it (it would quietly turn a number into a string) and still agree with
-# the strict per-row parser.
+# For a flat object (exactly two braces, no brackets, escapes or control characters, the
+# whole line one object) whose keys are all distinct and whose contract fields each appear
+# with a literal of the right type, Polars parses exactly what the strict parser would; the
+# unit_price literal is taken from the text itself, never through a float.
 _STRUCTURAL = r"[{}\[\]\\\x00-\x1f]"
+_ONE_OBJECT = r"^\s*\{.*\}\s*$"
+_ANY_KEY = r'"[^"]*"\s*:'
 _TYPED_FIELD = _typed_field_pattern()
-_ANY_FIELD = rf'"(?:{"|".join(FIELDS)})"\s*:'
+_PRICE_LITERAL = rf'"unit_price"\s*:\s*({_FAST_LITERALS["number"]})\s*[,}}]'
+_FAST_READ_SCHEMA = {name: dtype for name, dtype in RAW_SCHEMA.items() if name != "unit_price"}
 
 
 def _fast_rows(payloads: Sequence[bytes]) -> tuple[pl.DataFrame | None, list[int]]:
     """Parse the plainly well-formed payloads with Polars in one go, vectorised.
 
-    Returns (typed rows or None, positions left for the strict per-row parser). Anything
-    unusual (non-ASCII, escapes, nesting, a field of the wrong type, missing or repeated, or
-    a line Polars refuses) goes to the per-row parser, the reference for every reason.
+    Returns (raw typed rows or None, positions left for the strict per-row parser).
+    Anything unusual (non-ASCII, escapes, nesting, a key repeated, a field of the wrong
+    type or missing, an exponent, a line Polars refuses) goes to the per-row parser, the
+    reference for every reason. Both paths hand identical values to the same value rules.
     """
     everything = list(range(len(payloads)))
-    joined = b"\n".join(payloads)
-    if joined.isascii() and joined.count(b"\n") == len(payloads) - 1 and b"\r" not in joined:
-        candidates = everything
-    else:
-        candidates = [i for i, p in enumerate(payloads)
-                      if p.isascii() and b"\n" not in p and b"\r" not in p]
+    candidates = [i for i, p in enumerate(payloads)
+                  if p.isascii() and b"\n" not in p and b"\r" not in p]
     if not candidates:
         return None, everything
-    text = pl.Series("t", [payloads[i] for i in candidates] if candidates is not everything
-                     else payloads, dtype=pl.Binary).cast(pl.String)
+    text = pl.Series("t", [payloads[i] for i in candidates], dtype=pl.Binary).cast(pl.String)
+    keys = text.str.extract_all(_ANY_KEY).list.eval(pl.element().str.replace(r"\s*:$", ""))
     eligible = ((text.str.count_matches(_STRUCTURAL) == 2)
-                & (text.str.count_matches(_ANY_FIELD) == len(FIELDS))
-                & (text.str.count_matches(_TYPED_FIELD) == len(FIELDS))).to_list()
-    fast = [i for i, ok in zip(candidates, eligible, strict=True) if ok]
+                & text.str.contains(_ONE_OBJECT)
+                & (keys.list.len() == keys.list.n_unique())
+                & (text.str.count_matches(_TYPED_FIELD) == len(contract.PAYLOAD_FIELDS)))
+    chosen = text.filter(eligible)
+    fast = [i for i, ok in zip(candidates, eligible.to_list(), strict=True) if ok]
     if not fast:
         return None, everything
-    lines = joined if len(fast) == len(payloads) else b"\n".join(payloads[i] for i in fast)
     try:
-        rows = pl.read_ndjson(io.BytesIO(lines), schema=RAW_SCHEMA)
+        rows = pl.read_ndjson(io.BytesIO(b"\n".join(payloads[i] for i in fast)),
+                              schema=_FAST_READ_SCHEMA)
     except pl.exceptions.PolarsError:
         return None, everything
     if rows.height != len(fast):
         return None, everything
-    rows = rows.with_columns(pl.Series("batch_position", fast, dtype=pl.Int32))
+    rows = rows.with_columns(
+        chosen.str.extract(_PRICE_LITERAL, 1).alias("unit_price"),
+        pl.Series("batch_position", fast, dtype=pl.Int32),
+    ).select("batch_position", *RAW_SCHEMA)
     complete = rows.select(pl.all_horizontal(pl.all().is_not_null())).to_series()
     fast_set = set(rows.filter(complete)["batch_position"].to_list())
     return rows.filter(complete), [i for i in everything if i not in fast_set]
 
 
 def parse_payloads(payloads: Sequence[bytes]) -> ParsedBatch:
-    """Raw queue elements to typed columns; unparseable ones become rejects."""
+    """Raw queue elements to raw typed columns in batch order; unparseable ones are rejects."""
     fast, slow_positions = _fast_rows(payloads)
-    columns: dict[str, list[object]] = {name: [] for name in FIELDS}
+    columns: dict[str, list[object]] = {name: [] for name in RAW_SCHEMA}
     positions: list[int] = []
     bad_positions: list[int] = []
     bad_reasons: list[str] = []
@@ -167,11 +193,11 @@ def parse_payloads(payloads: Sequence[bytes]) -> ParsedBatch:
             bad_reasons.append(str(exc))
             continue
         positions.append(position)
-        for name in FIELDS:
+        for name in RAW_SCHEMA:
             columns[name].append(parsed[name])
     slow = pl.DataFrame({"batch_position": positions, **columns},
                         schema={"batch_position": pl.Int32, **RAW_SCHEMA}, strict=False)
-    rows = slow if fast is None else pl.concat([fast.select(slow.columns), slow])
+    rows = slow if fast is None else pl.concat([fast, slow]).sort("batch_position")
     rejects = pl.DataFrame({
         "batch_position": bad_positions,
         "raw_payload": [payloads[p] for p in bad_positions],
@@ -181,45 +207,14 @@ def parse_payloads(payloads: Sequence[bytes]) -> ParsedBatch:
     return ParsedBatch(rows, rejects)
 
 
-def _text_check(name: str, max_length: int) -> pl.Expr:
-    col = pl.col(name)
-    return (pl.when(col.str.len_chars() == 0).then(pl.lit(f"{name} is empty"))
-            .when(col.str.len_chars() > max_length)
-            .then(pl.lit(f"{name} is longer than {max_length} characters"))
-            .when(col.str.contains("\x00", literal=True))
-            .then(pl.lit(f"{name} contains a NUL character")))
-
-
-def _first_reason(*checks: pl.Expr) -> pl.Expr:
-    return pl.coalesce(*checks).alias("reason")
-
-
 def validate_values(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Check value ranges and parse timestamps to UTC; returns (valid rows, reason rows)."""
-    timestamp = (pl.col("order_timestamp").str.replace(r"[zZ]$", "+00:00")
-                 .str.to_datetime(_TIMESTAMP_FORMAT, strict=False, time_zone="UTC"))
-    checked = rows.with_columns(timestamp.alias("_ts")).with_columns(_first_reason(
-        _text_check("order_id", MAX_ORDER_ID_LENGTH),
-        pl.when(pl.col("customer_id") <= 0).then(pl.lit("customer_id must be positive")),
-        _text_check("product_id", MAX_TEXT_LENGTH),
-        pl.when(pl.col("quantity") <= 0).then(pl.lit("quantity must be greater than 0"))
-        .when(pl.col("quantity") > MAX_QUANTITY)
-        .then(pl.lit(f"quantity must be at most {MAX_QUANTITY}")),
-        pl.when(~pl.col("unit_price").is_finite()).then(pl.lit("unit_price must be finite"))
-        .when(pl.col("unit_price") < 0).then(pl.lit("unit_price must be >= 0"))
-        .when(pl.col("unit_price") > MAX_UNIT_PRICE)
-        .then(pl.lit(f"unit_price must be at most {MAX_UNIT_PRICE:.0f}")),
-        _text_check("currency", MAX_TEXT_LENGTH),
-        _text_check("zip_code", MAX_TEXT_LENGTH),
-        pl.when(pl.col("_ts").is_null())
-        .then(pl.lit("order_timestamp is not ISO 8601 with a UTC offset"))
-        # Postgres cannot read back a year outside 1..9999 as Polars writes it; one such
-        # order would fail its whole batch's COPY on every retry.
-        .when(~pl.col("_ts").dt.year().is_between(1, 9999))
-        .then(pl.lit("order_timestamp is outside the years 0001-9999 (UTC)")),
-    ))
-    valid = (checked.filter(pl.col("reason").is_null())
-             .drop("reason", "order_timestamp").rename({"_ts": "order_timestamp"}))
+    """Apply the contract's value rules; returns (valid typed rows, reason rows).
+
+    Valid rows carry `unit_price` as Decimal(18,4) and `order_timestamp` as UTC Datetime;
+    reason rows have `batch_position`, `reason`, `order_id`.
+    """
+    checked = contract.apply_value_rules(rows)
+    valid = checked.filter(pl.col("reason").is_null()).drop("reason")
     invalid = checked.filter(pl.col("reason").is_not_null()).select(
         "batch_position", "reason", "order_id")
     return valid, invalid
@@ -241,27 +236,25 @@ def enrich(rows: pl.DataFrame, lookups: dict[str, pl.DataFrame]
               .join(lookups["products"], on="product_id", how="left")
               .join(lookups["currencies"], on="currency", how="left")
               .join(lookups["zip_codes"], on="zip_code", how="left"))
-    checked = joined.with_columns(_first_reason(
-        pl.when(pl.col("category").is_null())
-        .then(pl.format("unknown product_id: {}", pl.col("product_id"))),
-        pl.when(pl.col("rate_to_usd").is_null())
-        .then(pl.format("unknown currency: {}", pl.col("currency"))),
-        pl.when(pl.col("region").is_null())
-        .then(pl.format("unknown zip_code: {}", pl.col("zip_code"))),
-    ))
+    checked = joined.with_columns(pl.coalesce(
+        pl.when(pl.col("category").is_null()).then(contract.unknown_reference("product_id")),
+        pl.when(pl.col("rate_to_usd").is_null()).then(contract.unknown_reference("currency")),
+        pl.when(pl.col("region").is_null()).then(contract.unknown_reference("zip_code")),
+    ).alias("reason"))
     invalid = checked.filter(pl.col("reason").is_not_null()).select(
         "batch_position", "reason", "order_id")
-    unit_price = pl.col("unit_price").cast(pl.Decimal(18, 4))
-    total = (unit_price * pl.col("quantity")).cast(pl.Decimal(24, 4))
+    total = (pl.col("unit_price") * pl.col("quantity")).cast(pl.Decimal(24, 4))
     rate = pl.col("rate_to_usd").cast(pl.Decimal(18, 8))
+    # Scale 12 holds the exact product of scale 4 and scale 8: the only rounding is the
+    # final one to cents (Polars would otherwise round the product to scale 8 first).
+    exact_usd = total.cast(pl.Decimal(38, 12)) * rate
     staged = (checked.filter(pl.col("reason").is_null())
               .with_columns(
-                  unit_price.alias("unit_price"),
                   total.alias("total_amount"),
-                  (total * rate).round(2, mode="half_away_from_zero")
+                  exact_usd.round(2, mode="half_away_from_zero")
                   .cast(pl.Decimal(22, 2)).alias("total_amount_usd"),
                   pl.col("shipping_zone").cast(pl.Int16),
-              ).drop("reason", "rate_to_usd"))
+              ).drop("reason", "rate_to_usd").sort("batch_position"))
     return staged, invalid
 
 

@@ -1,91 +1,134 @@
-"""The vectorised Polars parse must agree exactly with the strict per-row parser.
+"""The verdict on a payload depends on its bytes alone (DESIGN.md "Value rules").
 
 `parse_payloads` sends plainly well-formed lines through `pl.read_ndjson` and everything
-else through `_parse_one`; whichever path a payload takes, the typed values or the reject
-reason must be the ones the per-row reference gives.
+else through the strict per-row parser. Whichever path a payload takes, and whatever else
+is in its batch (junk lines, repeated keys, escapes, non-ASCII, other copies of its id),
+its verdict (the reject reason, or the typed values after the value rules) must equal the
+verdict the strict parser gives it alone.
 """
 
 import json
-import math
 
 import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orders_pipeline import transform
+from orders_pipeline import contract, transform
 
 ASCII_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12)
+ANY_TEXT = st.text(max_size=6)
 VALUES = st.one_of(
     ASCII_TEXT, st.integers(min_value=-(2**64), max_value=2**64),
     st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none(),
-    st.lists(st.integers(), max_size=2), st.text(max_size=5),
+    st.lists(st.integers(), max_size=2), ANY_TEXT,
+    st.decimals(allow_nan=False, allow_infinity=False, places=6),
 )
+PRICES = st.one_of(st.floats(0, 1e6, allow_nan=False), st.integers(0, 10**11),
+                   st.decimals(0, 10**11, places=5, allow_nan=False))
 GOOD = {
-    "order_id": ASCII_TEXT.filter(bool), "customer_id": st.integers(1, 10**9),
+    "order_id": st.one_of(ASCII_TEXT.filter(bool), ANY_TEXT.filter(bool)),
+    "customer_id": st.integers(-1, 2**63),
     "product_id": st.sampled_from(["P000001", "P000002"]),
-    "quantity": st.integers(-3, 10), "unit_price": st.floats(0, 1e6, allow_nan=False),
+    "quantity": st.integers(-3, 10**6 + 2), "unit_price": PRICES,
     "currency": st.sampled_from(["USD", "EUR"]), "zip_code": st.sampled_from(["02134"]),
-    "order_timestamp": st.sampled_from(["2026-11-22T10:00:00+01:00", "2026-11-22T09:00:00Z"]),
+    "order_timestamp": st.sampled_from(["2026-11-22T10:00:00+01:00", "2026-11-22T09:00Z",
+                                        "2026-11-22T09:00:00,5-0330", "2026-1-2T09:00:00Z",
+                                        "2026-11-22T09:00:60Z", "2026-11-22T09:00:00+05"]),
 }
+
+
+def _number(value: object) -> str:
+    return str(value) if not isinstance(value, float) else repr(value)
 
 
 @st.composite
 def payload(draw: st.DrawFn) -> bytes:
-    """Mostly valid orders, with fields dropped, retyped, repeated or spaced oddly."""
+    """Mostly valid orders, with fields dropped, retyped, repeated, escaped or spaced oddly."""
     order: dict[str, object] = {name: draw(strategy) for name, strategy in GOOD.items()}
     for name in draw(st.lists(st.sampled_from(list(GOOD)), max_size=2)):
         if draw(st.booleans()):
             order.pop(name, None)
         else:
             order[name] = draw(VALUES)
+    if draw(st.booleans()):
+        order["note"] = draw(st.sampled_from(["é", "line\nbreak", "x"]))
     separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")]))
-    text = json.dumps(order, separators=separators)
+    text = json.dumps(order, separators=separators, default=_number,
+                      ensure_ascii=draw(st.booleans()))
+    # json.dumps writes a Decimal through `default` as a string: write it as a number.
+    for name, value in order.items():
+        if not isinstance(value, (str, int, float, bool, list, type(None))):
+            text = text.replace(f'"{name}"{separators[1]}"{value}"',
+                                f'"{name}"{separators[1]}{value}')
     if draw(st.booleans()):  # a repeated key, which json.dumps cannot write itself
-        name = draw(st.sampled_from(list(GOOD)))
-        text = text[:-1] + f', "{name}": {json.dumps(draw(VALUES))}' + "}"
-    return text.encode()
+        name = draw(st.sampled_from([*GOOD, "note"]))
+        text = text[:-1] + f', "{name}": {json.dumps(draw(VALUES), default=_number)}' + "}"
+    raw = text.encode()
+    return draw(st.sampled_from([raw, raw, raw, raw + b" x", raw[:-1], b"\xff" + raw]))
 
 
-def reference(payloads: list[bytes]) -> tuple[dict[int, tuple], dict[int, str]]:
-    rows: dict[int, tuple] = {}
-    reasons: dict[int, str] = {}
-    for position, raw in enumerate(payloads):
-        try:
-            parsed = transform._parse_one(raw)
-        except transform._PayloadError as exc:
-            reasons[position] = str(exc)
-            continue
-        rows[position] = tuple(float(v) if n == "unit_price" else v
-                               for n, v in parsed.items())
-    return rows, reasons
+def verdicts(payloads: list[bytes]) -> dict[int, object]:
+    """Position -> reject reason, or the typed values the value rules produced."""
+    parsed = transform.parse_payloads(payloads)
+    valid, invalid = transform.validate_values(parsed.rows)
+    out: dict[int, object] = dict(zip(parsed.rejects["batch_position"].to_list(),
+                                      parsed.rejects["reason"].to_list(), strict=True))
+    out.update(zip(invalid["batch_position"].to_list(), invalid["reason"].to_list(),
+                   strict=True))
+    for row in valid.select("batch_position", *contract.FIELD_NAMES).iter_rows():
+        out[row[0]] = row[1:]
+    return out
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    return all(x == y or (isinstance(x, float) and math.isclose(x, y, rel_tol=0, abs_tol=0))
-               for x, y in zip(a, b, strict=True))
+def strict_verdict(raw: bytes) -> object:
+    """The strict per-row parser alone, then the same value rules."""
+    try:
+        parsed = transform._parse_one(raw)
+    except transform._PayloadError as exc:
+        return str(exc)
+    frame = pl.DataFrame({"batch_position": [0], **{k: [v] for k, v in parsed.items()}},
+                         schema={"batch_position": pl.Int32, **contract.RAW_SCHEMA})
+    return verdicts_of_rows(frame)
+
+
+def verdicts_of_rows(frame: pl.DataFrame) -> object:
+    valid, invalid = transform.validate_values(frame)
+    if invalid.height:
+        return invalid["reason"][0]
+    return valid.select(*contract.FIELD_NAMES).row(0)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(payload(), min_size=1, max_size=40))
-def test_fast_and_strict_parsers_agree(payloads: list[bytes]) -> None:
-    parsed = transform.parse_payloads(payloads)
-    rows = {r[0]: r[1:] for r in parsed.rows.select(
-        "batch_position", *transform.FIELDS).iter_rows()}
-    reasons = dict(zip(parsed.rejects["batch_position"].to_list(),
-                       parsed.rejects["reason"].to_list(), strict=True))
-    expected_rows, expected_reasons = reference(payloads)
-    assert reasons == expected_reasons
-    assert rows.keys() == expected_rows.keys()
-    for position, values in rows.items():
-        assert _same(values, expected_rows[position]), (payloads[position], values)
+@given(st.lists(payload(), min_size=1, max_size=30))
+def test_verdict_is_a_function_of_the_payload_bytes(payloads: list[bytes]) -> None:
+    in_batch = verdicts(payloads)
+    assert sorted(in_batch) == list(range(len(payloads)))  # one verdict per payload
+    for position, raw in enumerate(payloads):
+        assert in_batch[position] == strict_verdict(raw), raw
+        assert verdicts([raw])[0] == in_batch[position], raw
+
+
+VALID = {"order_id": "a-1", "customer_id": 7, "product_id": "P000001", "quantity": 2,
+         "unit_price": 9.5, "currency": "USD", "zip_code": "02134",
+         "order_timestamp": "2026-11-22T10:00:00Z"}
+
+
+def test_repeated_unknown_key_is_rejected_beside_valid_and_junk_neighbours() -> None:
+    """The issue's example: the verdict was "accepted" in a clean batch, "rejected" beside junk."""
+    body = json.dumps(VALID, separators=(",", ":"))
+    repeated = (body[:-1] + ',"note":"x","note":"y"}').encode()
+    junk = (body[:-1].replace("a-1", "a-2") + "} x").encode()
+    clean = verdicts([repeated, json.dumps({**VALID, "order_id": "a-3"}).encode()])
+    mixed = verdicts([repeated, junk])
+    assert clean[0] == mixed[0] == "invalid JSON: duplicate key"
+    assert mixed[1].startswith("invalid JSON: Extra data")
 
 
 def test_clean_batch_takes_the_vectorised_path() -> None:
-    line = json.dumps({"order_id": "a-1", "customer_id": 7, "product_id": "P000001",
-                       "quantity": 2, "unit_price": 9.5, "currency": "USD",
-                       "zip_code": "02134", "order_timestamp": "2026-11-22T10:00:00Z"},
-                      separators=(",", ":")).encode()
-    fast, slow = transform._fast_rows([line, line.replace(b'"a-1"', b"17"), b"not json"])
+    line = json.dumps(VALID, separators=(",", ":")).encode()
+    fast, slow = transform._fast_rows([line, line.replace(b'"a-1"', b"17"), b"not json",
+                                       line.replace(b"9.5", b"9.5e0")])
     assert fast is not None and fast["batch_position"].to_list() == [0]
-    assert slow == [1, 2]
+    assert slow == [1, 2, 3]
     assert fast.schema["customer_id"] == pl.Int64
+    assert fast["unit_price"].to_list() == ["9.5"]  # the literal, never a float

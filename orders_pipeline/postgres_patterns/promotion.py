@@ -14,14 +14,11 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from orders_pipeline import contract
 from orders_pipeline.faults import crash_point
 from orders_pipeline.postgres_patterns.views import PROMOTE_LOCK, ROLLUPS, rollup_upsert
 
-ORDER_COLUMNS = (
-    "order_id", "customer_id", "product_id", "quantity", "unit_price", "currency",
-    "zip_code", "order_timestamp", "total_amount", "total_amount_usd", "category", "region",
-    "shipping_zone", "batch_id",
-)
+ORDER_COLUMNS = (*contract.ORDER_COLUMNS, "batch_id")
 _COLUMNS = ", ".join(ORDER_COLUMNS)
 # Insert the batches' rows and fold exactly the rows inserted into the view rollups.
 _INSERT_ORDERS = f"""

@@ -1,6 +1,12 @@
-"""`init-db`: create the database if needed and apply `sql/*.sql` idempotently."""
+"""`init-db`: create the database if needed and apply the packaged DDL idempotently.
 
-from pathlib import Path
+The DDL ships inside the package (`orders_pipeline/sql/*.sql`, package data) and is read with
+`importlib.resources`, so an editable install, a wheel and a zipped install all find it
+wherever the process runs from.
+"""
+
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 import psycopg
 from psycopg import sql
@@ -9,10 +15,13 @@ from orders_pipeline.connections import pg_connect
 from orders_pipeline.postgres_patterns.views import rebuild_rollups
 from orders_pipeline.settings import PostgresSettings
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 _SCHEMA_LOCK = "orders_pipeline.schema"
 CORE_TABLES = ("products", "currencies", "zip_codes", "orders_staging", "orders",
                "orders_rejected", "ingest_batches", "promotions")
+
+
+class SchemaFilesMissing(RuntimeError):
+    """The install carries no DDL to apply (no `*.sql` in the package's `sql/` resources)."""
 
 
 class SchemaMissing(RuntimeError):
@@ -32,23 +41,43 @@ def ensure_database(settings: PostgresSettings) -> bool:
         return True
 
 
-def sql_files() -> list[Path]:
-    return sorted(SQL_DIR.glob("*.sql"))
+def ddl_dir() -> Traversable:
+    """The package's `sql/` resource directory (a path, or a zip entry for a zipped install)."""
+    return files("orders_pipeline") / "sql"
+
+
+def sql_files(root: Traversable | None = None) -> list[Traversable]:
+    """The `*.sql` files directly in `root` (default `ddl_dir()`), in file-name order.
+
+    Raises SchemaFilesMissing (one line: what is wrong and the fix) if there is none, also
+    when `root` does not exist.
+    """
+    where = ddl_dir() if root is None else root
+    found = (sorted((entry for entry in where.iterdir()
+                     if entry.name.endswith(".sql") and entry.is_file()),
+                    key=lambda entry: entry.name)
+             if where.is_dir() else [])
+    if not found:
+        raise SchemaFilesMissing(
+            f"no *.sql files to apply in {where}: this install of orders_pipeline lacks its "
+            "DDL; reinstall it from a wheel or source tree that ships orders_pipeline/sql")
+    return found
 
 
 def apply_schema(conn: psycopg.Connection) -> list[str]:
-    """Apply every file in `sql/` in order, in one transaction; returns the files applied.
+    """Apply every packaged `*.sql` file (`sql_files()`) in file-name order.
 
-    Then fills the view rollups from existing orders if they are new (and so empty).
+    All files run in one transaction under an advisory lock, then the view rollups are filled
+    from existing orders if they are new (and so empty). Returns the file names applied.
+    Raises SchemaFilesMissing, before touching the database, if there is nothing to apply.
     """
-    applied = []
+    ddl = sql_files()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_SCHEMA_LOCK,))
-        for path in sql_files():
-            conn.execute(path.read_text())
-            applied.append(path.name)
+        for entry in ddl:
+            conn.execute(entry.read_text(encoding="utf-8"))
     rebuild_rollups(conn, only_if_empty=True)
-    return applied
+    return [entry.name for entry in ddl]
 
 
 def missing_tables(conn: psycopg.Connection) -> list[str]:

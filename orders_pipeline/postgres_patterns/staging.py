@@ -11,13 +11,10 @@ from enum import StrEnum
 import polars as pl
 import psycopg
 
+from orders_pipeline import contract
 from orders_pipeline.faults import crash_point
 
-STAGING_COLUMNS = (
-    "batch_id", "batch_position", "order_id", "customer_id", "product_id", "quantity",
-    "unit_price", "currency", "zip_code", "order_timestamp", "total_amount",
-    "total_amount_usd", "category", "region", "shipping_zone",
-)
+STAGING_COLUMNS = ("batch_id", "batch_position", *contract.ORDER_COLUMNS)
 _COPY_STAGING = f"COPY orders_staging ({', '.join(STAGING_COLUMNS)}) FROM STDIN (FORMAT csv)"
 
 _CLAIM_LEDGER = """

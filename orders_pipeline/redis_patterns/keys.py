@@ -4,11 +4,11 @@ With a prefix such as `{orders}` every key shares one Redis Cluster hash tag, so
 scripts that touch several keys stay on one slot.
 """
 
+import hashlib
 from dataclasses import dataclass
 
 import redis
 
-MAX_ORDER_ID_LENGTH = 128
 GLOB_SPECIAL = "\\*?[]"
 
 
@@ -60,7 +60,13 @@ class RedisKeys:
         return f"{self.prefix}:batch:{batch_id}"
 
     def dedup(self, order_id: str) -> str:
-        return f"{self.prefix}:dedup:{order_id}"
+        """Marker of one order id in the dedup window.
+
+        Named by a 128-bit BLAKE2b digest of the id's UTF-8 bytes, so the key's length never
+        depends on the id's (DESIGN.md: ids are 1-256 characters, compared exactly).
+        """
+        digest = hashlib.blake2b(order_id.encode(), digest_size=16).hexdigest()
+        return f"{self.prefix}:dedup:{digest}"
 
     @property
     def dedup_id_prefix(self) -> str:
