@@ -8,6 +8,7 @@ stderr and a non-zero exit code instead of a traceback.
 
 import argparse
 import json
+import logging
 import signal
 import ssl
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import psycopg
 import redis
@@ -30,11 +32,14 @@ from orders_pipeline.benchmark import (
     run_benchmark,
 )
 from orders_pipeline.connections import close_all, pg_connect, redis_client
+from orders_pipeline.postgres_patterns.promotion import QuarantinedBatch, error_text
 from orders_pipeline.postgres_patterns.schema import (
+    SchemaFilesMissing,
     SchemaMissing,
     apply_schema,
     ensure_database,
     require_schema,
+    sql_files,
 )
 from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.dedup import DedupWindow
@@ -45,8 +50,17 @@ from orders_pipeline.redis_patterns.lookup_cache import (
     LookupCacheMissing,
 )
 from orders_pipeline.redis_patterns.queue import OrderQueue
-from orders_pipeline.redis_patterns.signals import CompletionSignals
-from orders_pipeline.settings import ConfigError, PostgresSettings, Settings, load_env_file
+from orders_pipeline.redis_patterns.signals import REFUSED_COUNTER, CompletionSignals
+from orders_pipeline.settings import (
+    BATCH_SIZE,
+    BATCHES_PER_WORKER,
+    WORKERS,
+    Bound,
+    ConfigError,
+    PostgresSettings,
+    Settings,
+    load_env_file,
+)
 from orders_pipeline.stats import collect_stats, render_stats, throughput_line
 
 PROG = "orders-pipeline"
@@ -164,13 +178,21 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 
 
 def cmd_init_db(settings: Settings, args: argparse.Namespace) -> int:
+    """Create the database if needed and apply the packaged DDL; CliError if there is none.
+
+    The DDL is looked for first, so an install without it changes nothing on the server.
+    """
+    try:
+        sql_files()
+    except SchemaFilesMissing as exc:
+        raise CliError(str(exc)) from exc
     _check_postgres(settings, admin=True)
     created = ensure_database(settings.postgres)
     with pg_connect(settings.postgres) as conn:
         applied = apply_schema(conn)
     state = "created" if created else "already existed"
     _out(f"database {settings.postgres.dbname!r} {state}")
-    _out(f"applied (idempotent): {', '.join(applied) or 'nothing: no sql/*.sql found'}")
+    _out(f"applied (idempotent): {', '.join(applied)}")
     return 0
 
 
@@ -242,15 +264,91 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# SQLSTATEs of failing to reach or keep a connection, which `_run` words: connection
+# exception, invalid authorization, unknown database, server shut down or not accepting.
+_CONNECTION_SQLSTATES = ("08", "28", "3D", "57P")
+_OLDER_SCHEMA_SQLSTATES = ("42P01", "42703")  # undefined table, undefined column
+
+
+@contextmanager
+def _server_errors(action: str, again: str) -> Iterator[None]:
+    """Turn an error Postgres or Redis reports during `action` into one CliError line.
+
+    The line names the SQLSTATE and message and what to do (`again` is the command to re-run);
+    connection failures go on to `_run`, which words them.
+    """
+    try:
+        yield
+    except psycopg.DatabaseError as exc:
+        state = exc.sqlstate or ""
+        if not state or state.startswith(_CONNECTION_SQLSTATES):
+            raise
+        hint = (f"the database schema is older than this release: run `{PROG} init-db`"
+                if state in _OLDER_SCHEMA_SQLSTATES else f"fix the cause, then run `{again}`")
+        raise CliError(f"{action} failed ({error_text(exc)}); the failed step committed "
+                       f"nothing; {hint}") from exc
+    except redis.ResponseError as exc:
+        raise CliError(f"{action} failed: Redis refused a command ({exc}); fix the cause, "
+                       f"then run `{again}`") from exc
+
+
 def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
+    """Promote staged batches; one warning line on stderr per batch quarantined as poison."""
     _check_postgres(settings, pooled=True)
     _check_redis(settings)
     _require_schema(settings)
-    result = pipeline.promote_staged(settings)
+    with _server_errors("promotion", f"{PROG} promote"):
+        result = pipeline.promote_staged(settings)
     _out(f"promoted {len(result.promoted_batches):,} batches: inserted "
          f"{result.inserted_rows:,} rows into orders, {result.conflicts:,} conflicts "
-         f"(already there), {len(result.lost_batches):,} lost batches requeued"
-         f" in {result.seconds:.2f} s")
+         f"(already there), {len(result.lost_batches):,} lost batches requeued, "
+         f"{len(result.quarantined):,} batches quarantined in {result.seconds:.2f} s")
+    for batch in result.quarantined:
+        print(f"{PROG}: warning: batch {batch.batch_id} quarantined with {batch.orders:,} "
+              f"orders ({batch.payloads:,} raw payloads kept): {batch.error}; fix the cause, "
+              f"then run `{PROG} readmit {batch.batch_id}`", file=sys.stderr)
+    return 0
+
+
+def cmd_readmit(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-admit quarantined batches (named, or `--all`); `--dry-run` only lists them.
+
+    One error line if a named batch is not quarantined, or if a batch cannot be re-admitted
+    because no copy of its raw payloads is left.
+    """
+    if bool(args.batch_ids) == args.all:
+        args.parser.error("name the batches to re-admit, or pass --all (not both)")
+    _check_postgres(settings, pooled=True)
+    _check_redis(settings)
+    _require_schema(settings)
+    batch_ids = None if args.all else args.batch_ids
+    unrecoverable: list[QuarantinedBatch] = []
+    with _server_errors("re-admission", f"{PROG} readmit"):
+        if args.dry_run:
+            batches = pipeline.list_quarantined(settings, batch_ids)
+        else:
+            readmission = pipeline.readmit_quarantined(settings, batch_ids)
+            batches, unrecoverable = readmission.readmitted, readmission.unrecoverable
+    verb = "would re-admit" if args.dry_run else "re-admitted"
+    for batch in batches:
+        at = f"{batch.quarantined_at:%Y-%m-%d %H:%M:%S %Z}" if batch.quarantined_at else "-"
+        _out(f"{verb} batch {batch.batch_id}: {batch.orders:,} orders, {batch.payloads:,} raw "
+             f"payloads kept, quarantined {at}: {batch.error}")
+    orders = sum(batch.orders for batch in batches)
+    if args.dry_run:
+        _out(f"{len(batches):,} quarantined batches ({orders:,} orders); run without "
+             "--dry-run to re-admit them")
+    elif batches:
+        _out(f"re-admitted {len(batches):,} batches ({orders:,} orders) under their own ids: "
+             f"run `{PROG} process`, then `{PROG} promote` (under Dagster their completion "
+             "signal starts that run); a batch still poison is quarantined again")
+    if unrecoverable:
+        raise CliError(f"{len(unrecoverable):,} batches cannot be re-admitted, no copy of "
+                       f"their raw payloads is left (Redis lost them before quarantine): "
+                       f"{' '.join(b.batch_id for b in unrecoverable)}; push those orders "
+                       "again from their source")
+    if not batches:
+        _out("no quarantined batches")
     return 0
 
 
@@ -307,13 +405,22 @@ def cmd_benchmark(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    """Bridge published signals into the stream until Ctrl-C/SIGTERM.
+
+    Each malformed signal is refused with one warning line on stderr and counted in
+    `{P}:counters` field `signals_refused`.
+    """
     client = _check_redis(settings)
     keys = _keys(settings)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
     print(f"bridging {keys.signals_channel} into {keys.signals_stream}; Ctrl-C to stop",
           file=sys.stderr, flush=True)
     with _stop_on_signals() as should_stop:
         bridged = CompletionSignals(client, keys).bridge_published(should_stop)
-    _out(f"bridged {bridged:,} signals into {keys.signals_stream}")
+    refused = int(client.hget(keys.counters, REFUSED_COUNTER) or 0)
+    _out(f"bridged {bridged:,} signals into {keys.signals_stream}; {refused:,} malformed "
+         f"signals refused so far ({keys.counters} {REFUSED_COUNTER})")
     return 0
 
 
@@ -369,9 +476,35 @@ def _bounded(convert: Callable[[str], float], what: str, minimum: float, *,
     return parse
 
 
+def _within(bound: Bound) -> Callable[[str], int]:
+    """An argparse type: an integer in `bound`, the range its env var and Dagster config share."""
+    def parse(text: str) -> int:
+        refusal = argparse.ArgumentTypeError(f"must be an integer from {bound.span()}, "
+                                             f"got {text!r}")
+        try:
+            value = int(text)
+        except ValueError:
+            raise refusal from None
+        if not bound.minimum <= value <= bound.maximum:
+            raise refusal
+        return value
+    return parse
+
+
 _positive_int = _bounded(int, "an integer", 1)
 _non_negative_int = _bounded(int, "an integer", 0)
 _positive_float = _bounded(float, "a number", 0, exclusive=True)
+_workers = _within(WORKERS)
+_batch_size = _within(BATCH_SIZE)
+_batches_per_worker = _within(BATCHES_PER_WORKER)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: the problem and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `PROG [COMMAND]: error: MESSAGE (see ... --help)` on stderr and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _fraction(text: str) -> float:
@@ -385,7 +518,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Orders pipeline: Redis queue → Polars → Postgres staging → orders → "
                     "views. Configuration comes from environment variables and `.env` "
@@ -400,7 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("init-db", cmd_init_db,
-            "Create the database if needed and apply sql/*.sql (idempotent).")
+            "Create the database if needed and apply the DDL shipped in the package "
+            "(orders_pipeline/sql/*.sql, in file-name order; idempotent).")
 
     sub = command("init-cache", cmd_init_cache,
                   "Snapshot products, currencies and zip codes from Postgres into Redis.")
@@ -417,24 +551,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--burst", action="store_true",
                      help="stamp every order with the current time instead of spreading "
                           "them over the last hour")
-    sub.add_argument("--batch-size", type=_positive_int, metavar="B",
-                     help="orders per pushed batch and signal (default BATCH_SIZE)")
+    sub.add_argument("--batch-size", type=_batch_size, metavar="B",
+                     help=f"orders per pushed batch and signal, {BATCH_SIZE.span()} "
+                          f"(default BATCH_SIZE)")
     sub.add_argument("--seed", type=int, metavar="S",
                      help="random seed, for reproducible orders")
 
     sub = command("process", cmd_process,
                   "Drain the queue into orders_staging with N worker processes "
                   "(does not promote; run `promote` next).")
-    sub.add_argument("--workers", type=_positive_int, metavar="N",
-                     help="worker processes (default WORKER_COUNT; 1 = in this process)")
-    sub.add_argument("--batch-size", type=_positive_int, metavar="B",
-                     help="orders claimed per batch (default BATCH_SIZE)")
-    sub.add_argument("--iterations", type=_positive_int, metavar="K",
-                     help="stop each worker after K batches (default: until the queue is "
-                          "empty)")
+    sub.add_argument("--workers", type=_workers, metavar="N",
+                     help=f"worker processes, {WORKERS.span()} (default WORKER_COUNT; "
+                          f"1 = in this process)")
+    sub.add_argument("--batch-size", type=_batch_size, metavar="B",
+                     help=f"orders claimed per batch, {BATCH_SIZE.span()} (default BATCH_SIZE)")
+    sub.add_argument("--iterations", type=_batches_per_worker, metavar="K",
+                     help=f"stop each worker after K batches, {BATCHES_PER_WORKER.span()} "
+                          f"(default: until the queue is empty)")
 
     command("promote", cmd_promote,
-            "Move staged batches into orders (idempotent) and release them from Redis.")
+            "Move staged batches into orders (idempotent) and release them from Redis; a "
+            "poison batch (one retrying cannot promote) is quarantined, the rest promoted.")
+    sub = command("readmit", cmd_readmit,
+                  "Re-admit quarantined (poison) batches after their cause was fixed: each is "
+                  "queued again under its own batch id, its raw payloads restored from "
+                  "Postgres if Redis lost them; one still poison is quarantined again.")
+    sub.add_argument("batch_ids", nargs="*", metavar="BATCH_ID",
+                     help="batches to re-admit (`--all --dry-run` lists them)")
+    sub.add_argument("--all", action="store_true", help="every quarantined batch")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="only list the batches that would be re-admitted")
     command("refresh", cmd_refresh,
             "Refresh the materialized views concurrently (readers are not blocked).")
 
@@ -452,10 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "prefix (both removed afterwards).")
     sub.add_argument("--total", type=_positive_int, required=True, metavar="N",
                      help="orders to push through the pipeline")
-    sub.add_argument("--batch-size", type=_positive_int, metavar="B",
-                     help="orders per batch (default BATCH_SIZE)")
-    sub.add_argument("--workers", type=_positive_int, metavar="N",
-                     help="staging worker processes (default WORKER_COUNT)")
+    sub.add_argument("--batch-size", type=_batch_size, metavar="B",
+                     help=f"orders per batch, {BATCH_SIZE.span()} (default BATCH_SIZE)")
+    sub.add_argument("--workers", type=_workers, metavar="N",
+                     help=f"staging worker processes, {WORKERS.span()} (default WORKER_COUNT)")
     sub.add_argument("--duplicates", type=_fraction, default=0.0, metavar="F",
                      help="fraction of duplicate payloads (default 0)")
     sub.add_argument("--invalid", type=_fraction, default=0.0, metavar="F",
@@ -521,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (CliError, LookupCacheMissing, pipeline.WorkerFailed, BenchmarkFailed) as exc:
+    except (CliError, LookupCacheMissing, pipeline.WorkerFailed, BenchmarkFailed,
+            SchemaFilesMissing) as exc:
         message, code = str(exc), 1
     except ConfigError as exc:
         message, code = f"bad configuration: {exc}", 1

@@ -64,6 +64,9 @@ def pg_pool(settings: PostgresSettings, *, via_pgbouncer: bool | None = None) ->
             pool = ConnectionPool(
                 kwargs=settings.conninfo(via_pgbouncer=bouncer),
                 configure=_configure,
+                # A long-lived worker outlives Postgres restarts: test each connection as it
+                # leaves the pool (one empty round trip) instead of failing a batch on it.
+                check=ConnectionPool.check_connection,
                 min_size=1,
                 max_size=4,
                 open=False,

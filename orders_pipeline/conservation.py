@@ -1,12 +1,13 @@
 """Conservation of orders: every accepted order is in exactly one place.
 
     accepted = orders + promotion conflicts + rejected + duplicates dropped
-               + awaiting promotion + queued + in flight
+               + awaiting promotion + quarantined + queued + in flight
 
 `accepted` is counted by producers in the same MULTI as their LPUSH. The Postgres side comes
 from the logged batch ledger (a batch's rejects and duplicates count once its staging has
-committed); the Redis side counts only batches the ledger does not already account for
-(claimed and not yet staged, or lost to a Postgres crash and requeued). The two servers are
+committed, and a quarantined batch's orders count as quarantined until it is re-admitted);
+the Redis side counts only batches the ledger does not already account for (claimed and not
+yet staged, lost to a Postgres crash and requeued, or re-admitted). The two servers are
 read one after the other, so the books are exact whenever no batch changes state between the
 two reads: at rest, after every run, which is when the asset check evaluates them.
 """
@@ -20,12 +21,14 @@ from orders_pipeline.postgres_patterns.promotion import batch_statuses
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.queue import OrderQueue
 
+# A lost batch's rejects and duplicates are counted again when it is staged again.
 _LEDGER_TOTALS = """
 SELECT (SELECT count(*) FROM orders),
        (SELECT coalesce(sum(staged_rows - inserted_rows), 0) FROM promotions),
-       coalesce(sum(rejected_rows) FILTER (WHERE status IN ('staged', 'promoted')), 0),
-       coalesce(sum(duplicate_rows) FILTER (WHERE status IN ('staged', 'promoted')), 0),
-       coalesce(sum(staged_rows) FILTER (WHERE status = 'staged'), 0)
+       coalesce(sum(rejected_rows) FILTER (WHERE status <> 'lost'), 0),
+       coalesce(sum(duplicate_rows) FILTER (WHERE status <> 'lost'), 0),
+       coalesce(sum(staged_rows) FILTER (WHERE status = 'staged'), 0),
+       coalesce(sum(staged_rows) FILTER (WHERE status = 'quarantined'), 0)
 FROM ingest_batches
 """
 
@@ -38,14 +41,15 @@ class Conservation:
     rejected: int
     duplicates_dropped: int
     awaiting_promotion: int
+    quarantined: int
     queued: int
     in_flight: int
 
     @property
     def accounted(self) -> int:
         return (self.orders + self.promotion_conflicts + self.rejected
-                + self.duplicates_dropped + self.awaiting_promotion + self.queued
-                + self.in_flight)
+                + self.duplicates_dropped + self.awaiting_promotion + self.quarantined
+                + self.queued + self.in_flight)
 
     @property
     def difference(self) -> int:
@@ -67,12 +71,13 @@ def unstaged_batch_orders(client: redis.Redis, keys: RedisKeys,
     queue = OrderQueue(client, keys)
     batch_ids = queue.claimed_batch_ids() + queue.staged_batch_ids()
     statuses = batch_statuses(conn, batch_ids)
-    return queue.orders_in([b for b in batch_ids if statuses.get(b) not in ("staged", "promoted")])
+    return queue.orders_in([b for b in batch_ids if statuses.get(b, "lost") == "lost"])
 
 
 def check_conservation(client: redis.Redis, keys: RedisKeys,
                        conn: psycopg.Connection) -> Conservation:
-    orders, conflicts, rejected, duplicates, awaiting = conn.execute(_LEDGER_TOTALS).fetchone()
+    (orders, conflicts, rejected, duplicates, awaiting,
+     quarantined) = conn.execute(_LEDGER_TOTALS).fetchone()
     conn.rollback()
     in_flight = unstaged_batch_orders(client, keys, conn)
     pipe = client.pipeline(transaction=True)  # no producer's MULTI lands between the two
@@ -82,4 +87,5 @@ def check_conservation(client: redis.Redis, keys: RedisKeys,
     return Conservation(
         accepted=int(accepted or 0), orders=int(orders), promotion_conflicts=int(conflicts),
         rejected=int(rejected), duplicates_dropped=int(duplicates),
-        awaiting_promotion=int(awaiting), queued=int(queued), in_flight=in_flight)
+        awaiting_promotion=int(awaiting), quarantined=int(quarantined), queued=int(queued),
+        in_flight=in_flight)

@@ -115,10 +115,14 @@ UNIT_PRICE_NEGATIVE = "unit_price must be >= 0"
 UNIT_PRICE_PLACES = (f"unit_price has more than {UNIT_PRICE_SCALE} decimal places "
                      "(prices are never rounded)")
 UNIT_PRICE_TOO_LARGE = f"unit_price must be at most {UNIT_PRICE_MAX}"
-TIMESTAMP_FORMAT = ("order_timestamp is not ISO 8601 YYYY-MM-DDTHH:MM[:SS[.fraction]] "
-                    "with Z or an offset ±HH[:MM]")
-TIMESTAMP_RANGE = "order_timestamp has a field out of range (month, day, hour, minute, second)"
-TIMESTAMP_YEAR = f"order_timestamp year is outside {YEAR_MIN}-{YEAR_MAX}"
+# Timestamp reasons name their field: the same grammar checks signals' `published_at`.
+_TIMESTAMP_REASONS = (
+    "{field} is not ISO 8601 YYYY-MM-DDTHH:MM[:SS[.fraction]] with Z or an offset ±HH[:MM]",
+    "{field} has a field out of range (month, day, hour, minute, second)",
+    f"{{field}} year is outside {YEAR_MIN}-{YEAR_MAX}",
+)
+TIMESTAMP_FORMAT, TIMESTAMP_RANGE, TIMESTAMP_YEAR = (
+    reason.format(field="order_timestamp") for reason in _TIMESTAMP_REASONS)
 UNKNOWN_REFERENCE = "unknown {field}: {value}"  # product_id, currency, zip_code
 
 # --------------------------------------------------------------------------- grammars
@@ -179,8 +183,8 @@ def _price_value() -> pl.Expr:
     return text.cast(pl.Decimal(18, UNIT_PRICE_SCALE), strict=False)
 
 
-def _timestamp_parts() -> list[pl.Expr]:
-    groups = pl.col("order_timestamp").str.extract_groups(TIMESTAMP)
+def _timestamp_parts(field: str = "order_timestamp") -> list[pl.Expr]:
+    groups = pl.col(field).str.extract_groups(TIMESTAMP)
     parts = [groups.struct.field(str(i + 1)).alias(f"_t_{name}")
              for i, name in enumerate(_TS_GROUPS)]
     return [p if name in ("fraction", "zulu", "sign") else p.cast(pl.Int64)
@@ -194,17 +198,28 @@ def _days_in_month() -> pl.Expr:
             .when(month.is_in([4, 6, 9, 11])).then(30).otherwise(31))
 
 
-def _timestamp_reason() -> pl.Expr:
+def _timestamp_reason(field: str = "order_timestamp") -> pl.Expr:
+    bad_format, bad_range, bad_year = (r.format(field=field) for r in _TIMESTAMP_REASONS)
     t = {name: pl.col(f"_t_{name}") for name in _TS_GROUPS}
     out_of_range = ((t["month"] < 1) | (t["month"] > 12) | (t["day"] < 1)
                     | (t["day"] > _days_in_month()) | (t["hour"] > 23) | (t["minute"] > 59)
                     | (t["second"].fill_null(0) > 59) | (t["off_hour"].fill_null(0) > 23)
                     | (t["off_minute"].fill_null(0) > 59))
     return _first(
-        pl.when(t["year"].is_null()).then(pl.lit(TIMESTAMP_FORMAT)),
-        pl.when(out_of_range).then(pl.lit(TIMESTAMP_RANGE)),
-        pl.when(~t["year"].is_between(YEAR_MIN, YEAR_MAX)).then(pl.lit(TIMESTAMP_YEAR)),
+        pl.when(t["year"].is_null()).then(pl.lit(bad_format)),
+        pl.when(out_of_range).then(pl.lit(bad_range)),
+        pl.when(~t["year"].is_between(YEAR_MIN, YEAR_MAX)).then(pl.lit(bad_year)),
     )
+
+
+def timestamp_reason(text: str, field: str) -> str | None:
+    """Why `text` breaks the timestamp grammar (reason naming `field`), or None if it is valid.
+
+    The same expressions as the orders' rule, for one value (e.g. a signal's `published_at`).
+    """
+    frame = pl.DataFrame({field: [text]}, schema={field: pl.String})
+    return frame.with_columns(*_timestamp_parts(field)).select(
+        _timestamp_reason(field)).item()
 
 
 def _timestamp_value() -> pl.Expr:

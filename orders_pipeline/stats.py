@@ -14,6 +14,7 @@ from psycopg import sql
 
 from orders_pipeline.connections import pg_connect, redis_client
 from orders_pipeline.conservation import check_conservation
+from orders_pipeline.postgres_patterns.promotion import quarantine_totals
 from orders_pipeline.postgres_patterns.schema import require_schema
 from orders_pipeline.postgres_patterns.views import VIEWS
 from orders_pipeline.redis_patterns.backpressure import Backpressure
@@ -22,10 +23,11 @@ from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.order_window import OrderRateWindow
 from orders_pipeline.redis_patterns.queue import OrderQueue
+from orders_pipeline.redis_patterns.signals import REFUSED_COUNTER
 from orders_pipeline.settings import Settings
 
 CONSERVATION_TERMS = ("orders", "promotion_conflicts", "rejected", "duplicates_dropped",
-                      "awaiting_promotion", "queued", "in_flight")
+                      "awaiting_promotion", "quarantined", "queued", "in_flight")
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 _ROW_COUNTS = {"staging_rows": "orders_staging", "orders_rows": "orders",
                "rejected_rows": "orders_rejected",
@@ -41,9 +43,12 @@ def _postgres_numbers(settings: Settings) -> dict[str, int]:
             "SELECT (SELECT coalesce(sum(duplicate_rows), 0) FROM ingest_batches),"
             " (SELECT coalesce(sum(staged_rows - inserted_rows), 0) FROM promotions)"
         ).fetchone()
+        quarantined_batches, quarantined_orders = quarantine_totals(conn)
         conn.rollback()
     return {**dict(zip(_ROW_COUNTS, map(int, row), strict=True)),
-            "duplicates_dropped": int(duplicates), "promotion_conflicts": int(conflicts)}
+            "duplicates_dropped": int(duplicates), "promotion_conflicts": int(conflicts),
+            "quarantined_batches": quarantined_batches,
+            "quarantined_orders": quarantined_orders}
 
 
 def collect_stats(settings: Settings) -> dict[str, Any]:
@@ -73,6 +78,7 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
         "max_queue_depth": tuning.max_queue_depth,
         "accepted": int(client.hget(keys.counters, "accepted") or 0),
         "backpressure_waits": int(client.hget(keys.counters, "backpressure_waits") or 0),
+        "signals_refused": int(client.hget(keys.counters, REFUSED_COUNTER) or 0),
         "dedup_window_size": DedupWindow(client, keys, tuning.dedup_window_seconds).size(),
         "lookup_cache_size": cache.size(),
         "lookup_cache_age_seconds": cache.info().get("age_seconds"),
@@ -131,6 +137,7 @@ def render_stats(stats: dict[str, Any]) -> str:
         ]),
         ("Redis", [
             ("accepted (all time)", stats["accepted"]),
+            ("malformed signals refused", stats["signals_refused"]),
             ("dedup window size", stats["dedup_window_size"]),
             ("lookup cache size", stats["lookup_cache_size"]),
             ("lookup cache age", "not loaded" if age is None else f"{age:,.0f} s"),
@@ -142,6 +149,8 @@ def render_stats(stats: dict[str, Any]) -> str:
             ("rejected rows", stats["rejected_rows"]),
             ("duplicates dropped", stats["duplicates_dropped"]),
             ("promotion conflicts", stats["promotion_conflicts"]),
+            ("quarantined batches", stats["quarantined_batches"]),
+            ("quarantined orders", stats["quarantined_orders"]),
         ]),
         ("Views", [(f"{view} rows", stats[f"{view}_rows"]) for view in VIEWS]),
         ("Conservation", [
@@ -163,6 +172,10 @@ def render_stats(stats: dict[str, Any]) -> str:
     series = _minute_series(stats)
     lines += ["\nOrders per minute, last hour (by order time)",
               f"  │{sparkline(series)}│ peak {max(series, default=0):,}/min"]
+    if stats["quarantined_batches"]:
+        lines.append(f"\n{stats['quarantined_batches']:,} quarantined batches hold "
+                     f"{stats['quarantined_orders']:,} orders: `orders-pipeline readmit --all "
+                     "--dry-run` lists them with their errors")
     return "\n".join(lines)
 
 

@@ -69,7 +69,11 @@ def plain_decimal(value: int | Decimal) -> str:
         return f"{sign}0"
     if value.adjusted() > contract.UNIT_PRICE_INT_DIGITS:
         return sign + _PRICE_TOO_LARGE_LITERAL
-    if value.normalize().as_tuple().exponent < -contract.UNIT_PRICE_SCALE - 1:
+    # Exponent of the last non-zero digit, computed without a context (normalize() would
+    # round 1e-999999999 to 0 and format() would then write a billion zeros).
+    digits = "".join(map(str, value.as_tuple().digits))
+    exponent = int(value.as_tuple().exponent) + len(digits) - len(digits.rstrip("0"))
+    if exponent < -contract.UNIT_PRICE_SCALE:
         return sign + _PRICE_TOO_FINE_LITERAL
     return format(value, "f")
 

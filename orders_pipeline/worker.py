@@ -38,6 +38,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, psycopg.OperationalError,
     psycopg_pool.PoolTimeout)
 IDLE_POLL_SECONDS = 0.02
+# How often a drain with nothing left to claim looks again at batches others hold: a
+# live worker's batch leaves `{P}:inflight` as soon as it is staged, long before its lease ends.
+LEASE_POLL_SECONDS = 0.1
 
 
 class StepClock:
@@ -213,7 +216,14 @@ class StagingWorker:
     def drain(self, batch_size: int, max_batches: int | None = None,
               on_batch: Callable[[BatchReport], None] | None = None,
               wait_while: Callable[[], bool] | None = None) -> WorkerStats:
-        """Process batches until the queue is empty (or `max_batches` were processed).
+        """Process batches until nothing is queued or claimed (or `max_batches` were processed).
+
+        A drain is done only when the ingestion list is empty *and* `{P}:inflight` is: while
+        other workers hold batches, it polls every LEASE_POLL_SECONDS (never past the
+        earliest lease deadline, read with the Redis clock), and takes over each batch whose
+        lease runs out, i.e. a dead worker's batch at most its CLAIM_TIMEOUT_SECONDS after the
+        claim. A live worker's batch leaves `{P}:inflight` once staged; a batch requeued with
+        deadline 0 is reclaimed at once. So "done" never leaves orders claimed but unstaged.
 
         With `wait_while`, an empty queue ends the drain only once it returns False: a
         worker running beside a producer waits for more instead of quitting at a lull. It
@@ -221,6 +231,7 @@ class StagingWorker:
         """
         stats = WorkerStats()
         started = time.perf_counter()
+        waiting_for_leases = False
         while max_batches is None or stats.batches < max_batches:
             more_coming = wait_while is not None and wait_while()
             claim_started = time.perf_counter()
@@ -229,7 +240,17 @@ class StagingWorker:
                 if more_coming:
                     time.sleep(IDLE_POLL_SECONDS)
                     continue
-                break
+                until_expiry = self.queue.seconds_until_lease_expiry()
+                if until_expiry is None:
+                    break
+                if not waiting_for_leases:
+                    log.info("queue empty; waiting for %d batch(es) other workers hold "
+                             "(next lease ends in %.1f s)", self.queue.in_flight_batches(),
+                             until_expiry)
+                waiting_for_leases = True
+                time.sleep(min(until_expiry, LEASE_POLL_SECONDS))
+                continue
+            waiting_for_leases = False
             claim_seconds = time.perf_counter() - claim_started
             report = self._process_with_retries(batch)
             report.steps["claim"] = claim_seconds
@@ -239,4 +260,3 @@ class StagingWorker:
         stats.seconds = time.perf_counter() - started
         stats.peak_rss_kib = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]
         return stats
-

@@ -1,19 +1,31 @@
 """Shared helpers: resources, subprocess environments and independent expectations."""
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
 import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import dagster as dg
 import psycopg
 import redis
+from psycopg import sql
 
 from orders_pipeline import generator
+from orders_pipeline.connections import close_all, pg_connect
+from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
+from orders_pipeline.postgres_patterns.views import ROLLUPS
 from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import LOOKUP_TABLES, LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.resources import PostgresResource, RedisResource
 from orders_pipeline.settings import Settings
@@ -26,6 +38,75 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@functools.cache
+def _pg_bin() -> Path:
+    """Directory of the local Postgres server binaries (initdb, pg_ctl)."""
+    return Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                               check=True).stdout.strip())
+
+
+class ThrowawayPostgres:
+    """A private cluster on a free loopback port (initdb + pg_ctl), for tests that crash it.
+
+    Run as the `postgres` user when the tests run as root. An immediate stop (`crash`) skips
+    the shutdown checkpoint, so the next `start` runs crash recovery, which empties every
+    UNLOGGED table: exactly what happens to `orders_staging` when a real server dies.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.data = root / "data"
+        self.port = free_port()
+        self.log = root / "postgres.log"
+        self._as = (["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres")
+        self._run(str(_pg_bin() / "initdb"), "-D", str(self.data), "-A", "trust",
+                  "-U", "postgres", "--no-sync")
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"
+                   " -c max_connections=50")
+        self._run(str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o",
+                  options, "-w", "-t", "60", "start")
+
+    def crash(self) -> None:
+        """Immediate shutdown: no checkpoint, crash recovery at the next start."""
+        self._run(str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
+                  "stop")
+
+    def stop(self) -> None:
+        subprocess.run([*self._as, str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-m",
+                        "fast", "-w", "stop"], capture_output=True, timeout=60)
+
+
+@contextmanager
+def crashable_postgres(settings: Settings, rconn: redis.Redis
+                       ) -> Iterator[tuple[Settings, ThrowawayPostgres]]:
+    """`settings` moved onto a private Postgres cluster the test may crash at will.
+
+    Database `orders` with the schema applied, PgBouncer off, the lookup cache loaded under
+    the test's key prefix; the cluster is stopped and deleted at the end.
+    """
+    root = Path(tempfile.mkdtemp(prefix="op_pgcrash_"))
+    server = ThrowawayPostgres(root)
+    server.start()
+    own = dataclasses.replace(settings, postgres=dataclasses.replace(
+        settings.postgres, port=server.port, use_pgbouncer=False, dbname="orders"))
+    ensure_database(own.postgres)
+    with pg_connect(own.postgres) as conn:
+        apply_schema(conn)
+        LookupCache(rconn, RedisKeys(own.redis.key_prefix), 3600).load_snapshot(conn)
+    try:
+        yield own, server
+    finally:
+        close_all()
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -136,3 +217,24 @@ def assert_exactly_once(settings: Settings, rconn: redis.Redis, pg: psycopg.Conn
     assert rconn.llen(keys.ingestion) == 0
     assert rconn.zcard(keys.inflight) == 0 and rconn.zcard(keys.staged) == 0
     assert not list(rconn.scan_iter(match=f"{keys.prefix}:batch:*", count=10_000))
+
+
+def fresh_example(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection) -> Settings:
+    """Empty tables and a new key prefix (under the test's) with a copy of the lookup cache.
+
+    For one example of a property test: the orders tables, the ledger and the view rollups
+    are emptied. A new prefix instead of deleting keys: SCAN over a busy shared Redis is
+    slow, and the test's own prefix, with everything under it, is removed by the fixture at
+    the end.
+    """
+    tables = ("orders", "orders_staging", "orders_rejected", "ingest_batches", "promotions",
+              *ROLLUPS)
+    pg.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
+    base = RedisKeys(settings.redis.key_prefix)
+    prefix = f"{base.prefix}:{uuid.uuid4().hex[:8]}"
+    fresh = RedisKeys(prefix)
+    for table in LOOKUP_TABLES:
+        assert rconn.copy(base.lookup(table.name), fresh.lookup(table.name))
+    assert rconn.copy(base.lookup_meta, fresh.lookup_meta)
+    return dataclasses.replace(settings, redis=dataclasses.replace(settings.redis,
+                                                                   key_prefix=prefix))

@@ -6,13 +6,8 @@ runs crash recovery, which empties every UNLOGGED table: exactly what happens to
 `orders_staging` when a real server dies.
 """
 
-import dataclasses
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,72 +19,24 @@ import redis
 from orders_pipeline import pipeline
 from orders_pipeline.connections import close_all, pg_connect
 from orders_pipeline.faults import PAUSE_ENV, PAUSE_FILE_ENV
-from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
 from orders_pipeline.redis_patterns.keys import RedisKeys
-from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.helpers import REPO, assert_exactly_once, pipeline_env, push_orders
-
-BIN = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
-                          check=True).stdout.strip())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ThrowawayPostgres:
-    """A private cluster; run as the `postgres` user when the tests run as root."""
-
-    def __init__(self, root: Path) -> None:
-        self.data = root / "data"
-        self.port = _free_port()
-        self.log = root / "postgres.log"
-        self._as = (["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
-        self._run(str(BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                  "--no-sync")
-
-    def _run(self, *args: str) -> None:
-        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
-
-    def start(self) -> None:
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"
-                   " -c max_connections=50")
-        self._run(str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o",
-                  options, "-w", "-t", "60", "start")
-
-    def crash(self) -> None:
-        """Immediate shutdown: no checkpoint, crash recovery at the next start."""
-        self._run(str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def stop(self) -> None:
-        subprocess.run([*self._as, str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast",
-                        "-w", "stop"], capture_output=True, timeout=60)
+from orders_pipeline_tests.helpers import (
+    REPO,
+    ThrowawayPostgres,
+    assert_exactly_once,
+    crashable_postgres,
+    pipeline_env,
+    push_orders,
+)
 
 
 @pytest.fixture
 def crashable(settings: Settings, rconn: redis.Redis) -> Iterator[
         tuple[Settings, ThrowawayPostgres]]:
     """Settings whose Postgres is a private cluster this test may crash at will."""
-    root = Path(tempfile.mkdtemp(prefix="op_pgcrash_"))
-    server = ThrowawayPostgres(root)
-    server.start()
-    own = dataclasses.replace(settings, postgres=dataclasses.replace(
-        settings.postgres, port=server.port, use_pgbouncer=False, dbname="orders"))
-    ensure_database(own.postgres)
-    with pg_connect(own.postgres) as conn:
-        apply_schema(conn)
-        LookupCache(rconn, RedisKeys(own.redis.key_prefix), 3600).load_snapshot(conn)
-    try:
-        yield own, server
-    finally:
-        close_all()
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with crashable_postgres(settings, rconn) as pair:
+        yield pair
 
 
 def _connect(settings: Settings) -> psycopg.Connection:

@@ -25,7 +25,7 @@ from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import PostgresSettings, Settings
 from orders_pipeline.worker import StagingWorker
 
-AWKWARD_IDS = ["a,b", 'say "hi"', "back\\slash", "line\nbreak", "emoji 🚀", "tab\tcr\r",
+AWKWARD_IDS = ["a,b", 'say "hi"', "back\\slash", "line\u2028break", "emoji 🚀", "tab cr",
                "\\N", "\\.", "NULL", ""]
 OrderFactory = Callable[..., bytes]
 

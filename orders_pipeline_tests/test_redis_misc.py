@@ -149,7 +149,7 @@ def test_push_records_and_broadcasts_the_signal(rconn: redis.Redis, keys: RedisK
     body = json.loads(message["data"])
     assert body["batch_id"] == batch_id and body["count"] == 7
     assert datetime.fromisoformat(body["published_at"]).utcoffset() is not None
-    recorded = CompletionSignals(rconn, keys).read_after(None)
+    recorded = CompletionSignals(rconn, keys).read_after(None).signals
     assert [(s.batch_id, s.count, s.published_at) for s in recorded] == [
         (batch_id, 7, body["published_at"])]
 
@@ -159,13 +159,13 @@ def test_read_after_is_exclusive_of_the_cursor(rconn: redis.Redis, keys: RedisKe
     ids = [queue.push_batch([b"{}"] * n, batch_id=f"b{n}") for n in (1, 2, 3)]
     signals = CompletionSignals(rconn, keys)
 
-    everything = signals.read_after(None)
+    everything = signals.read_after(None).signals
     assert [s.batch_id for s in everything] == ids
     assert [s.count for s in everything] == [1, 2, 3]
-    after_first = signals.read_after(everything[0].stream_id)
+    after_first = signals.read_after(everything[0].stream_id).signals
     assert [s.batch_id for s in after_first] == ids[1:]
-    assert signals.read_after(everything[-1].stream_id) == []
-    assert [s.batch_id for s in signals.read_after(None, limit=2)] == ids[:2]
+    assert signals.read_after(everything[-1].stream_id).signals == []
+    assert [s.batch_id for s in signals.read_after(None, limit=2).signals] == ids[:2]
 
 
 def test_append_records_a_published_only_signal_once(rconn: redis.Redis,
@@ -178,12 +178,13 @@ def test_append_records_a_published_only_signal_once(rconn: redis.Redis,
     stream_id = signals.append(upstream)
     assert stream_id is not None
     assert signals.append(upstream) is None  # heard twice, recorded once
-    assert signals.append(json.dumps({"batch_id": "ours", "count": 1}).encode()) is None
+    assert signals.append(json.dumps({"batch_id": "ours", "count": 1,
+                                      "published_at": "2024-05-01T10:00:00Z"}).encode()) is None
     for garbage in (b"not json", b"\xff\xfe", b"[1, 2]", b'{"count": 3}',
                     b'{"batch_id": 42}', b""):
         assert signals.append(garbage) is None, garbage
 
-    recorded = signals.read_after(None)
+    recorded = signals.read_after(None).signals
     assert [(s.batch_id, s.count) for s in recorded] == [("ours", 1), ("upstream-1", 5)]
     assert recorded[1].stream_id == stream_id
 

@@ -36,12 +36,12 @@ from orders_pipeline.resources import resources_from_env
 from orders_pipeline.settings import PostgresSettings, RedisSettings, Settings
 from orders_pipeline_tests.helpers import (
     REPO,
+    ThrowawayPostgres,
     assert_exactly_once,
     free_port,
     pipeline_env,
     push_orders,
 )
-from orders_pipeline_tests.test_postgres_crash import ThrowawayPostgres
 
 REDIS_PASSWORD = "redis-S3cret-7f1"
 PG_PASSWORD = "pg-S3cret-9c2"

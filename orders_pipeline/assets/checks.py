@@ -4,6 +4,7 @@ from orders_pipeline.assets.lookup import lookup_cache
 from orders_pipeline.assets.orders import promoted_orders, staged_orders
 from orders_pipeline.assets.views import product_performance_daily, sales_hourly
 from orders_pipeline.conservation import check_conservation
+from orders_pipeline.postgres_patterns.promotion import quarantine_totals, quarantined_batches
 from orders_pipeline.postgres_patterns.views import view_vs_orders
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
@@ -66,14 +67,38 @@ product_performance_daily_matches_orders = _view_check(product_performance_daily
 @dg.asset_check(asset=promoted_orders, description="""
 Conservation: every order producers pushed (`accepted`, counted in the same MULTI as the
 LPUSH) is in exactly one place: `orders`, a promotion conflict, `orders_rejected`, dropped
-as a duplicate, awaiting promotion in staging, queued, or in flight. A difference means an
-order was lost (positive) or counted twice (negative).""")
+as a duplicate, awaiting promotion in staging, quarantined, queued, or in flight. A
+difference means an order was lost (positive) or counted twice (negative).""")
 def orders_conservation(redis: RedisResource,
                         postgres: PostgresResource) -> dg.AssetCheckResult:
     with postgres.connection() as conn:
         books = check_conservation(redis.client(), redis.key_space(), conn)
     return dg.AssetCheckResult(passed=books.balanced, metadata={
         name: int(value) for name, value in books.as_dict().items()})
+
+
+QUARANTINE_LISTED = 100
+
+
+@dg.asset_check(asset=promoted_orders, description=f"""
+No batch is quarantined. A poison batch (one whose promotion fails for a reason retrying
+cannot fix: a value Postgres cannot store or sum, a violated constraint) is set aside with its
+error and raw payloads so that it never blocks the others; this check fails while any is, and
+lists the oldest {QUARANTINE_LISTED} with their order counts and errors. Fix the cause, then
+`orders-pipeline readmit BATCH_ID...` (or `--all`). Not blocking: the views stay fresh.""")
+def no_quarantined_batches(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn, conn.transaction():
+        batches, orders = quarantine_totals(conn)
+        listed = quarantined_batches(conn, limit=QUARANTINE_LISTED)
+    ids = " ".join(b.batch_id for b in listed)
+    return dg.AssetCheckResult(passed=batches == 0, metadata={
+        "quarantined_batches": batches,
+        "quarantined_orders": orders,
+        "batches": dg.MetadataValue.json([b.as_dict() for b in listed]),
+        "readmit_command": dg.MetadataValue.text(
+            f"orders-pipeline readmit {ids if batches <= QUARANTINE_LISTED else '--all'}"
+            if batches else "nothing to re-admit"),
+    })
 
 
 REJECTED_RATE_WARN = 0.05

@@ -1,24 +1,72 @@
 import time
+from typing import Any
 
 import dagster as dg
+import pydantic
 from psycopg import sql
+from pydantic_core import ErrorDetails
 
 from orders_pipeline import pipeline
 from orders_pipeline.assets import GROUP, OWNERS
-from orders_pipeline.assets.lookup import RETRY, lookup_cache
+from orders_pipeline.assets.lookup import (
+    RETRY,
+    lookup_cache,
+    permanent_failure,
+    retried_only_if_transient,
+)
 from orders_pipeline.assets.tables import ORDERS_SCHEMA, STAGING_SCHEMA
+from orders_pipeline.postgres_patterns.schema import require_schema
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCacheMissing
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.resources import PostgresResource, RedisResource, pipeline_settings
-from orders_pipeline.settings import PipelineSettings
+from orders_pipeline.settings import BATCH_SIZE, BATCHES_PER_WORKER, WORKERS, Bound
 from orders_pipeline.worker import BatchReport
 
 
-class StagingConfig(dg.Config):
-    """How the queue is drained; defaults come from WORKER_COUNT and BATCH_SIZE."""
+def _bounded(bound: Bound, description: str) -> Any:
+    """An optional config field within `bound`; unset (None) means the default `description`
+    names, resolved when the run starts, never when this module is imported."""
+    return pydantic.Field(default=None, ge=bound.minimum, le=bound.maximum,
+                          description=f"{description}. Allowed: {bound.span()}.")
 
-    workers: int = PipelineSettings.from_env().worker_count
-    batch_size: int = PipelineSettings.from_env().batch_size
-    max_batches_per_worker: int | None = None
+
+class StagingConfig(dg.Config):
+    """How the queue is drained (launchpad: `ops: staged_orders: config:`).
+
+    A value out of range fails the step at once with a `dg.Failure` that names the field, the
+    value and the range, and that no retry repeats.
+    """
+
+    workers: int | None = _bounded(
+        WORKERS, "Staging worker processes; unset: WORKER_COUNT; 1 drains in the step's process")
+    batch_size: int | None = _bounded(BATCH_SIZE, "Orders claimed per batch; unset: BATCH_SIZE")
+    max_batches_per_worker: int | None = _bounded(
+        BATCHES_PER_WORKER, "Batches each worker processes before it stops; unset: until the "
+                            "queue is empty")
+
+    @pydantic.model_validator(mode="wrap")
+    @classmethod
+    def _refused_for_good(cls, data: Any,
+                          handler: pydantic.ModelWrapValidatorHandler["StagingConfig"]
+                          ) -> "StagingConfig":
+        # Dagster builds the config inside the step, where a ValidationError would be retried
+        # like any error of the asset's body: refuse it as a permanent failure instead.
+        try:
+            return handler(data)
+        except pydantic.ValidationError as exc:
+            raise permanent_failure(
+                "staged_orders", "bad config: " + "; ".join(cls._refusal(e) for e in exc.errors()),
+                error_type="config") from exc
+
+    @classmethod
+    def _refusal(cls, error: ErrorDetails) -> str:
+        """One field's refusal, worded like the env vars' and CLI flags' (range included)."""
+        name = ".".join(str(part) for part in error["loc"]) or "config"
+        field = cls.model_fields.get(name)
+        limits = {type(m).__name__: m for m in field.metadata} if field else {}
+        if "Ge" in limits and "Le" in limits:
+            return Bound(limits["Ge"].ge, limits["Le"].le).refusal(name, error["input"])
+        return f"{name}: {error['msg']}, got {error['input']!r}"
 
 
 def table_rows(postgres: PostgresResource, table: str) -> int:
@@ -47,20 +95,36 @@ enriches them from the `lookup_cache` snapshot, drops duplicates seen within
 """,
     metadata={"dagster/table_name": "orders_staging", "dagster/column_schema": STAGING_SCHEMA},
 )
+@retried_only_if_transient
 def staged_orders(context: dg.AssetExecutionContext, config: StagingConfig,
                   redis: RedisResource, postgres: PostgresResource) -> dg.MaterializeResult:
     settings = pipeline_settings(redis, postgres, batch_size=config.batch_size,
                                  worker_count=config.workers)
+    workers, batch_size = settings.pipeline.worker_count, settings.pipeline.batch_size
+    # What no worker could get past fails here, once, before any worker starts.
+    cache = LookupCache(redis.client(), redis.key_space(), settings.pipeline.lookup_ttl_seconds)
+    with postgres.connection() as conn:
+        require_schema(conn)
+        cache.ensure_loaded(conn)
+    if not cache.is_loaded():
+        raise LookupCacheMissing("a lookup table is empty in Postgres, so the snapshot cannot be "
+                                 "loaded; seed products, currencies and zip_codes")
     queue = OrderQueue(redis.client(), redis.key_space())
     depth_before = queue.depth()
-    context.log.info(f"draining {depth_before} queued orders with {config.workers} worker(s), "
-                     f"batches of {config.batch_size}")
+    context.log.info(f"draining {depth_before} queued orders with {workers} worker(s), "
+                     f"batches of {batch_size}")
 
     def log_batch(report: BatchReport) -> None:
         context.log.info(report.line())
 
-    stats = pipeline.stage_queue(settings, workers=config.workers, batch_size=config.batch_size,
+    stats = pipeline.stage_queue(settings, workers=workers, batch_size=batch_size,
                                  max_batches=config.max_batches_per_worker, on_batch=log_batch)
+    depth_after = queue.depth()
+    if depth_before and not stats.claimed and depth_after >= depth_before:
+        raise permanent_failure(
+            "staged_orders", f"claimed nothing while {depth_after} orders wait (workers={workers}, "
+            f"batch_size={batch_size}, max_batches_per_worker={config.max_batches_per_worker})",
+            queue_depth=depth_after)
     claimed = stats.claimed or 1
     return dg.MaterializeResult(metadata={
         "rows_claimed": stats.claimed,
@@ -70,11 +134,11 @@ def staged_orders(context: dg.AssetExecutionContext, config: StagingConfig,
         "rejected_rate": stats.rejected / claimed,
         "batches": stats.batches,
         "batches_reclaimed": stats.reclaimed_batches,
-        "workers": config.workers,
+        "workers": workers,
         "seconds": stats.seconds,
         "rows_per_second": stats.rows_per_second,
         "queue_depth_before": depth_before,
-        "queue_depth_after": queue.depth(),
+        "queue_depth_after": depth_after,
         "dagster/row_count": table_rows(postgres, "orders_staging"),
     })
 
@@ -92,10 +156,14 @@ def staged_orders(context: dg.AssetExecutionContext, config: StagingConfig,
 Whole batches move in one transaction under an advisory lock, with
 `ON CONFLICT (order_id) DO NOTHING`, deleting exactly the staging rows they took; then the
 batches are released from Redis. Batches whose staged rows a Postgres crash erased are sent
-back to the queue. Re-running it changes nothing already done.
+back to the queue. A poison batch (its promotion fails for a reason retrying cannot fix) is
+quarantined with its error and raw payloads, and the others are promoted: see the check
+`no_quarantined_batches` and `orders-pipeline readmit`. Re-running it changes nothing already
+done.
 """,
     metadata={"dagster/table_name": "orders", "dagster/column_schema": ORDERS_SCHEMA},
 )
+@retried_only_if_transient
 def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
                     postgres: PostgresResource) -> dg.MaterializeResult:
     settings = pipeline_settings(redis, postgres)
@@ -104,13 +172,21 @@ def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
     seconds = time.perf_counter() - started
     context.log.info(
         f"promoted {len(result.promoted_batches)} batches: {result.inserted_rows} rows inserted, "
-        f"{result.conflicts} already present, {len(result.lost_batches)} lost batches requeued")
+        f"{result.conflicts} already present, {len(result.lost_batches)} lost batches requeued, "
+        f"{len(result.quarantined)} batches quarantined")
+    for batch in result.quarantined:
+        context.log.warning(
+            f"batch {batch.batch_id} quarantined with {batch.orders} orders "
+            f"({batch.payloads} raw payloads kept): {batch.error}; fix the cause, then run "
+            f"`orders-pipeline readmit {batch.batch_id}`")
     return dg.MaterializeResult(metadata={
         "rows_promoted": result.inserted_rows,
         "rows_staged_in": result.staged_rows,
         "conflicts": result.conflicts,
         "batches_promoted": len(result.promoted_batches),
         "batches_requeued": len(result.lost_batches),
+        "batches_quarantined": len(result.quarantined),
+        "rows_quarantined": sum(batch.orders for batch in result.quarantined),
         "seconds": seconds,
         "rows_per_second": result.inserted_rows / seconds if seconds else 0.0,
         "queue_depth_after": OrderQueue(redis.client(), redis.key_space()).depth(),

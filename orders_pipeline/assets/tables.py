@@ -19,13 +19,13 @@ SALES_HOURLY_SCHEMA = dg.TableSchema(columns=[
     dg.TableColumn("hour", "timestamptz", description="UTC hour"),
     dg.TableColumn("category", "text"),
     dg.TableColumn("order_count", "bigint"),
-    dg.TableColumn("units_sold", "bigint"),
-    dg.TableColumn("revenue_usd", "numeric(22,2)"),
+    dg.TableColumn("units_sold", "numeric(38,0)"),
+    dg.TableColumn("revenue_usd", "numeric(38,2)"),
 ])
 PRODUCT_DAILY_SCHEMA = dg.TableSchema(columns=[
     dg.TableColumn("day", "date", description="UTC day"),
     dg.TableColumn("product_id", "text"),
     dg.TableColumn("order_count", "bigint"),
-    dg.TableColumn("units_sold", "bigint"),
-    dg.TableColumn("revenue_usd", "numeric(22,2)"),
+    dg.TableColumn("units_sold", "numeric(38,0)"),
+    dg.TableColumn("revenue_usd", "numeric(38,2)"),
 ])

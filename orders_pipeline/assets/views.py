@@ -1,7 +1,7 @@
 import dagster as dg
 
 from orders_pipeline.assets import GROUP, OWNERS
-from orders_pipeline.assets.lookup import RETRY
+from orders_pipeline.assets.lookup import RETRY, retried_only_if_transient
 from orders_pipeline.assets.orders import promoted_orders, table_rows
 from orders_pipeline.assets.tables import PRODUCT_DAILY_SCHEMA, SALES_HOURLY_SCHEMA
 from orders_pipeline.postgres_patterns.views import refresh_view
@@ -38,6 +38,7 @@ dashboards reading it are never blocked. {_FRESHNESS}
     metadata={"dagster/table_name": "sales_hourly",
               "dagster/column_schema": SALES_HOURLY_SCHEMA},
 )
+@retried_only_if_transient
 def sales_hourly(context: dg.AssetExecutionContext,
                  postgres: PostgresResource) -> dg.MaterializeResult:
     return _refresh(context, postgres, "sales_hourly")
@@ -60,6 +61,7 @@ Refreshed with `REFRESH MATERIALIZED VIEW CONCURRENTLY` (unique index on day, pr
     metadata={"dagster/table_name": "product_performance_daily",
               "dagster/column_schema": PRODUCT_DAILY_SCHEMA},
 )
+@retried_only_if_transient
 def product_performance_daily(context: dg.AssetExecutionContext,
                               postgres: PostgresResource) -> dg.MaterializeResult:
     return _refresh(context, postgres, "product_performance_daily")

@@ -17,7 +17,7 @@ from orders_pipeline.settings import PostgresSettings
 
 _SCHEMA_LOCK = "orders_pipeline.schema"
 CORE_TABLES = ("products", "currencies", "zip_codes", "orders_staging", "orders",
-               "orders_rejected", "ingest_batches", "promotions")
+               "orders_rejected", "ingest_batches", "promotions", "quarantined_payloads")
 
 
 class SchemaFilesMissing(RuntimeError):

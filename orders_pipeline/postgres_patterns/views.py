@@ -22,11 +22,15 @@ ROLLUPS = {
 
 
 def rollup_upsert(rollup: str, source: str) -> str:
-    """SQL adding the orders of `source` (a table or CTE name) to one rollup table."""
+    """SQL adding the orders of `source` (a table or CTE name) to one rollup table.
+
+    Quantities are summed as bigint, which Postgres adds up as numeric: no sum overflows
+    however many orders share a row (the widths are derived in sql/030_views.sql).
+    """
     key, expressions = ROLLUPS[rollup]
     return f"""
     INSERT INTO {rollup} AS r
-    SELECT {expressions}, count(*), sum(quantity), sum(total_amount_usd)
+    SELECT {expressions}, count(*), sum(quantity::bigint), sum(total_amount_usd)
     FROM {source} GROUP BY 1, 2
     ON CONFLICT ({key}) DO UPDATE SET
         order_count = r.order_count + EXCLUDED.order_count,
@@ -87,7 +91,8 @@ def view_vs_orders(conn: psycopg.Connection, view: str) -> tuple[Totals, Totals]
             n=sql.Identifier("order_count"), u=sql.Identifier("units_sold"),
             r=sql.Identifier("revenue_usd"), t=sql.Identifier(view))).fetchone()
         of_orders = conn.execute(
-            "SELECT count(*), coalesce(sum(quantity), 0), coalesce(sum(total_amount_usd), 0)"
+            "SELECT count(*), coalesce(sum(quantity::bigint), 0),"
+            " coalesce(sum(total_amount_usd), 0)"
             " FROM orders").fetchone()
     return (Totals(int(of_view[0]), int(of_view[1]), Decimal(of_view[2])),
             Totals(int(of_orders[0]), int(of_orders[1]), Decimal(of_orders[2])))

@@ -55,6 +55,11 @@ class RedisKeys:
         """Sorted set: batch id -> staged time; kept until its rows are promoted."""
         return f"{self.prefix}:staged"
 
+    @property
+    def quarantined(self) -> str:
+        """Set of batch ids promotion quarantined (poison); their batch lists are kept."""
+        return f"{self.prefix}:quarantined"
+
     def batch(self, batch_id: str) -> str:
         """List holding the raw payloads of one claimed batch, in claim order."""
         return f"{self.prefix}:batch:{batch_id}"

@@ -4,10 +4,12 @@ A claimed batch moves atomically (one Lua call) from the ingestion list into its
 `{P}:batch:{id}`, registered in the `{P}:inflight` sorted set with a lease deadline. It leaves
 Redis only after its rows are in `orders` (see `release`): a worker that dies at any instant
 leaves the batch in flight, and once its lease expires exactly one other worker reclaims it.
+A batch that promotion hands back (`requeue`) comes with a completion signal of its own, so
+a run comes to stage it again without waiting for new traffic.
 """
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -50,6 +52,28 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return 1
 """
 
+# KEYS: staged, quarantined   ARGV: batch ids
+# Only batches still staged move: one that `readmit` handed back meanwhile stays in flight.
+_QUARANTINE = """
+local moved = 0
+for i = 1, #ARGV do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    redis.call('SADD', KEYS[2], ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+# KEYS: batch   ARGV: the batch's payloads in order. Rebuilds a batch list Redis lost.
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 1, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+return #ARGV
+"""
+
 
 @dataclass(frozen=True)
 class ClaimedBatch:
@@ -70,6 +94,8 @@ class OrderQueue:
         self._claim = client.register_script(_CLAIM)
         self._reclaim = client.register_script(_RECLAIM)
         self._mark_staged = client.register_script(_MARK_STAGED)
+        self._quarantine = client.register_script(_QUARANTINE)
+        self._restore = client.register_script(_RESTORE)
 
     def push_batch(self, payloads: Sequence[bytes], batch_id: str | None = None) -> str:
         """Enqueue one batch atomically with its accepted count and completion signal.
@@ -133,15 +159,101 @@ class OrderQueue:
         pipe.delete(*(self.keys.batch(b) for b in batch_ids))
         pipe.execute()
 
-    def requeue(self, batch_ids: Sequence[str]) -> None:
-        """Hand batches back for processing now (their staged rows were lost in a crash)."""
+    def requeue(self, batch_ids: Sequence[str]) -> str | None:
+        """Hand batches back to be staged again, and ask for the run that will do it.
+
+        For batches whose staged rows a Postgres crash erased, or whose ledger commit was
+        lost. Each goes back in flight with lease deadline 0 and no owner, so the next drain
+        reclaims it at once. In the same MULTI a completion signal `requeue:<uuid>` for the
+        orders they hold is recorded (stream + pub/sub, as a producer's), so
+        `completion_signal_sensor` launches an ingest run that stages and promotes them:
+        recovery never waits for a producer's next traffic. `accepted` is not touched (these
+        orders were counted when pushed).
+
+        Why a signal and not a stage/promote loop inside the run that found the loss: the
+        hand-back and the request to finish it are one atomic fact in Redis, which outlives
+        whatever dies next. If the run (or the daemon, or the host) dies right after this
+        call, the stream still holds the signal and the sensor reads it from its cursor when
+        it next ticks; a loop would die with the run and leave the work waiting for traffic.
+        If the caller dies before this call, nothing was handed back: the batches are still
+        staged in Redis, the ledger says `lost` or has no row, and the next promotion's
+        `pipeline.reconcile_batches` requeues them (Dagster's run retries relaunch a run
+        that died). Returns the signal's batch id, or None when `batch_ids` is empty.
+        """
         if not batch_ids:
-            return
+            return None
+        signal_id = f"requeue:{uuid.uuid4().hex}"
+        orders = self.orders_in(batch_ids)
         pipe = self.client.pipeline(transaction=True)
         pipe.zrem(self.keys.staged, *batch_ids)
         pipe.zadd(self.keys.inflight, dict.fromkeys(batch_ids, 0))
         pipe.hdel(self.keys.owners, *batch_ids)
+        self.signals.record(pipe, signal_id, orders)
         pipe.execute()
+        return signal_id
+
+    def seconds_until_lease_expiry(self) -> float | None:
+        """Seconds until the earliest lease in `{P}:inflight` runs out, by the Redis clock.
+
+        0.0 when one already has (a dead worker's batch, or one requeued with deadline 0),
+        None when no batch is claimed. The deadline and the clock are read in one MULTI.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrange(self.keys.inflight, 0, 0, withscores=True)
+        pipe.time()
+        earliest, (seconds, micros) = pipe.execute()
+        if not earliest:
+            return None
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return max(0.0, (earliest[0][1] - now_ms) / 1000)
+
+    def expired_batch_ids(self) -> list[str]:
+        """Claimed batches whose lease has run out (deadline at or before the Redis clock)."""
+        return [b.decode() for b in self.client.zrangebyscore(
+            self.keys.inflight, "-inf", self._now_ms())]
+
+    def batch_payloads(self, batch_id: str) -> list[bytes]:
+        """The raw payloads of a claimed batch in claim order; empty if Redis holds none."""
+        return list(self.client.lrange(self.keys.batch(batch_id), 0, -1))
+
+    def quarantine(self, batch_ids: Sequence[str]) -> int:
+        """Move poison batches from `{P}:staged` to `{P}:quarantined`, keeping their lists.
+
+        One Lua call; only batches still in `{P}:staged` move, so one that `readmit` handed
+        back meanwhile stays in flight. Returns how many moved.
+        """
+        if not batch_ids:
+            return 0
+        return int(self._quarantine(keys=[self.keys.staged, self.keys.quarantined],
+                                    args=list(batch_ids)))
+
+    def missing_batch_lists(self, batch_ids: Sequence[str]) -> list[str]:
+        """The given batches whose payload list Redis does not hold (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.exists(self.keys.batch(batch_id))
+        return [b for b, held in zip(batch_ids, pipe.execute(), strict=True) if not held]
+
+    def readmit(self, batch_ids: Sequence[str],
+                restore: Mapping[str, Sequence[bytes]]) -> str | None:
+        """Hand quarantined batches back to be staged again under their own batch ids.
+
+        First the batch list of each batch in `restore` is rebuilt from its payloads, unless
+        Redis holds one again (one Lua call per batch); then the batches are requeued
+        (`requeue`: in flight with lease deadline 0, plus a completion signal so that a run
+        comes to stage them) and leave `{P}:quarantined`, in that order, so that a
+        `quarantine` racing with this either finds them staged no more or is undone. Same
+        ids, same positions: the dedup window recognises their tokens `batch_id:position` as
+        theirs. Returns the signal's batch id (None for no batches).
+        """
+        if not batch_ids:
+            return None
+        for batch_id, payloads in restore.items():
+            if payloads:
+                self._restore(keys=[self.keys.batch(batch_id)], args=list(payloads))
+        signal_id = self.requeue(batch_ids)
+        self.client.srem(self.keys.quarantined, *batch_ids)
+        return signal_id
 
     def staged_batch_ids(self) -> list[str]:
         return [b.decode() for b in self.client.zrange(self.keys.staged, 0, -1)]

@@ -1,0 +1,341 @@
+"""Issue 8 item 7: configuration mistakes are refused once, never retried as if transient.
+
+Every config field (the `staged_orders` config, the CLI flags, the environment variables) is
+bounded; a value out of range or of the wrong type is refused with one line naming the field,
+its value and the range. In Dagster such an error is a `dg.Failure(allow_retries=False)`: one
+step attempt, and the run is not re-run by run retries either (`dagster.yaml`). Transient
+server errors are still retried with backoff.
+"""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import dagster as dg
+import psycopg
+import pytest
+import redis
+import yaml
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from orders_pipeline import cli
+from orders_pipeline.assets.lookup import lookup_cache
+from orders_pipeline.assets.orders import StagingConfig, staged_orders
+from orders_pipeline.connections import close_all
+from orders_pipeline.definitions import defs
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.redis_patterns.queue import OrderQueue
+from orders_pipeline.settings import (
+    BATCH_SIZE,
+    BATCHES_PER_WORKER,
+    PIPELINE_BOUNDS,
+    PORT,
+    REDIS_DB,
+    WORKERS,
+    Bound,
+    ConfigError,
+    Settings,
+)
+from orders_pipeline_tests.helpers import REPO, pipeline_env, push_orders, resources_for
+from orders_pipeline_tests.test_cli import CONSOLE_SCRIPT
+from orders_pipeline_tests.test_redis_restart import RedisServer
+
+RETRIED = {"STEP_UP_FOR_RETRY", "STEP_RESTARTED"}
+CONFIG_BOUNDS = {"workers": WORKERS, "batch_size": BATCH_SIZE,
+                 "max_batches_per_worker": BATCHES_PER_WORKER}
+ENV_BOUNDS = {**PIPELINE_BOUNDS, "POSTGRES_PORT": PORT, "PGBOUNCER_PORT": PORT,
+              "REDIS_PORT": PORT, "REDIS_DB": REDIS_DB}
+FLAG_BOUNDS = {"--workers": WORKERS, "--batch-size": BATCH_SIZE,
+               "--iterations": BATCHES_PER_WORKER}
+
+
+@contextlib.contextmanager
+def instance_with_run_retries() -> Iterator[dg.DagsterInstance]:
+    """A throwaway instance whose `run_retries` are exactly those of the repo's dagster.yaml."""
+    run_retries = yaml.safe_load((REPO / "dagster.yaml").read_text())["run_retries"]
+    assert run_retries["enabled"] and run_retries["max_retries"] >= 1
+    with dg.instance_for_test(overrides={"run_retries": run_retries}) as instance:
+        yield instance
+
+
+def step_events(result: dg.ExecuteInProcessResult) -> list[str]:
+    return [e.event_type_value for e in result.all_events if e.is_step_event]
+
+
+def failure_description(result: dg.ExecuteInProcessResult) -> str:
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    data = failure.step_failure_data
+    assert data.user_failure_data is not None, data.error
+    return data.user_failure_data.description
+
+
+def assert_refused_once(instance: dg.DagsterInstance, result: dg.ExecuteInProcessResult) -> str:
+    """One attempt, no step retry, and run retries will not re-run it; the failure's text."""
+    assert not result.success
+    events = step_events(result)
+    assert events.count("STEP_START") == 1 and not RETRIED & set(events), events
+    run = instance.get_run_by_id(result.run_id)
+    assert run is not None and run.tags["dagster/failure_reason"] == "STEP_FAILURE"
+    assert run.tags["dagster/will_retry"] == "false"
+    assert len(instance.get_runs()) == 1
+    description = failure_description(result)
+    assert "\n" not in description and "Not retried" in description
+    return description
+
+
+def materialize_staging(settings: Settings, instance: dg.DagsterInstance,
+                        config: dict[str, object]) -> dg.ExecuteInProcessResult:
+    return dg.materialize([staged_orders], resources=resources_for(settings), instance=instance,
+                          run_config={"ops": {"staged_orders": {"config": config}}},
+                          raise_on_error=False)
+
+
+# ---------------------------------------------------------------- the issue's examples
+
+
+def test_batch_size_minus_5_is_refused_once_and_not_rerun(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, keys: RedisKeys) -> None:
+    push_orders(settings, rconn, pg, 3_000, batch_size=1_000)
+    started = time.monotonic()
+    with instance_with_run_retries() as instance:
+        result = materialize_staging(settings, instance, {"batch_size": -5})
+        description = assert_refused_once(instance, result)
+    assert time.monotonic() - started < 15  # was 8 attempts in ~45 s
+    assert description == (
+        "staged_orders: bad config: batch_size must be an integer from 1 to 100000, got -5. "
+        "Not retried: retrying cannot fix this; correct the configuration or setup, then "
+        "materialize again.")
+    assert OrderQueue(rconn, keys).depth() == 3_000
+    assert pg.execute("SELECT count(*) FROM orders_staging").fetchone()[0] == 0
+
+
+def test_zero_workers_and_batch_size_are_refused_and_orders_stay_queued(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, keys: RedisKeys) -> None:
+    push_orders(settings, rconn, pg, 10_000, batch_size=1_000)
+    with instance_with_run_retries() as instance:
+        result = materialize_staging(settings, instance, {"workers": 0, "batch_size": 0})
+        description = assert_refused_once(instance, result)
+    assert ("bad config: workers must be an integer from 1 to 64, got 0; "
+            "batch_size must be an integer from 1 to 100000, got 0.") in description
+    queue = OrderQueue(rconn, keys)
+    assert queue.depth() == 10_000 and queue.in_flight_batches() == 0
+    assert pg.execute("SELECT count(*) FROM orders_staging").fetchone()[0] == 0
+
+
+def test_a_run_that_claims_nothing_while_orders_wait_fails(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, keys: RedisKeys) -> None:
+    """The post-condition behind validation, with a config that slipped past it."""
+    push_orders(settings, rconn, pg, 2_000, batch_size=1_000)
+    unchecked = StagingConfig.model_construct(workers=1, batch_size=500,
+                                              max_batches_per_worker=0)
+    resources = resources_for(settings)
+    body = staged_orders.op.compute_fn.decorated_fn  # a direct call would validate the config
+    with pytest.raises(dg.Failure) as refused:
+        body(dg.build_asset_context(), config=unchecked, redis=resources["redis"],
+             postgres=resources["postgres"])
+    assert not refused.value.allow_retries
+    assert refused.value.description.startswith(
+        "staged_orders: claimed nothing while 2000 orders wait (workers=1, batch_size=500, "
+        "max_batches_per_worker=0). Not retried")
+    assert OrderQueue(rconn, keys).depth() == 2_000
+
+
+def test_env_var_out_of_range_is_one_cli_line(settings: Settings) -> None:
+    done = subprocess.run([str(CONSOLE_SCRIPT), "process"],
+                          env=pipeline_env(settings, BATCH_SIZE="-5"), capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("orders-pipeline: error: bad configuration: BATCH_SIZE must be an "
+                           "integer from 1 to 100000, got -5\n")
+
+
+def test_env_var_out_of_range_fails_the_asset_once(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, keys: RedisKeys) -> None:
+    push_orders(settings, rconn, pg, 1_000, batch_size=1_000)
+    with mock.patch.dict(os.environ, {"BATCH_SIZE": "-5"}), \
+            instance_with_run_retries() as instance:
+        result = materialize_staging(settings, instance, {})
+        description = assert_refused_once(instance, result)
+    assert description.startswith("staged_orders: ConfigError: BATCH_SIZE must be an integer "
+                                  "from 1 to 100000, got -5. Not retried")
+    assert OrderQueue(rconn, keys).depth() == 1_000
+
+
+def test_missing_schema_and_empty_lookup_table_are_not_retried(
+        settings: Settings, pg: psycopg.Connection) -> None:
+    pg.execute("TRUNCATE products CASCADE")
+    with instance_with_run_retries() as instance:
+        result = dg.materialize([lookup_cache], resources=resources_for(settings),
+                                instance=instance, raise_on_error=False)
+        description = assert_refused_once(instance, result)
+    assert description.startswith("lookup_cache: LookupCacheMissing: lookup table(s) products "
+                                  "empty in Postgres")
+
+    pg.execute("DROP TABLE orders_staging CASCADE")
+    with instance_with_run_retries() as instance:
+        result = materialize_staging(settings, instance, {})
+        description = assert_refused_once(instance, result)
+    assert description.startswith("staged_orders: SchemaMissing: tables missing: orders_staging "
+                                  "(run `orders-pipeline init-db`)")
+
+
+def test_transient_redis_outage_is_still_retried_with_backoff(
+        settings: Settings, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # not started yet: the first attempt finds Redis down
+    down = replace(settings, redis=replace(settings.redis, port=server.port))
+    try:
+        with dg.instance_for_test() as instance:
+            def retry_requested() -> bool:
+                return any(instance.all_logs(run.run_id,
+                                             of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY)
+                           for run in instance.get_runs())
+
+            def start_redis_after_first_failure() -> None:
+                deadline = time.monotonic() + 60
+                while not retry_requested():
+                    if time.monotonic() > deadline:
+                        return
+                    time.sleep(0.05)
+                server.start()
+
+            starter = threading.Thread(target=start_redis_after_first_failure)
+            starter.start()
+            result = dg.materialize([lookup_cache], resources=resources_for(down),
+                                    instance=instance, raise_on_error=False)
+            starter.join(timeout=70)
+            events = [e for e in result.all_events if e.is_step_event]
+        assert result.success
+        assert [e.event_type_value for e in events if e.event_type_value in
+                {"STEP_START", "STEP_UP_FOR_RETRY", "STEP_RESTARTED", "STEP_SUCCESS"}] == [
+            "STEP_START", "STEP_UP_FOR_RETRY", "STEP_RESTARTED", "STEP_SUCCESS"]
+        [retry] = [e for e in events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        assert retry.event_specific_data.seconds_to_wait == 2  # RETRY's first backoff step
+        assert LookupCache(server.client(), RedisKeys(settings.redis.key_prefix),
+                           3600).is_loaded()
+    finally:
+        close_all()
+        server.kill()
+
+
+# ---------------------------------------------------------------- generated mistakes
+
+
+def out_of_range(bound: Bound) -> st.SearchStrategy[int]:
+    return st.one_of(st.integers(max_value=bound.minimum - 1),
+                     st.integers(min_value=bound.maximum + 1))
+
+
+def not_an_integer() -> st.SearchStrategy[str]:
+    def unparsable(text: str) -> bool:
+        try:
+            int(text)
+        except ValueError:
+            return True
+        return False
+    text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+    return st.one_of(text, st.floats(allow_nan=True).map(str),
+                     st.sampled_from(["", "5.0", "1e3", "0x10", "ten", "5 000", "--1"])
+                     ).filter(unparsable)
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(st.sampled_from(sorted(CONFIG_BOUNDS)).flatmap(
+    lambda name: st.tuples(st.just(name), out_of_range(CONFIG_BOUNDS[name]))))
+def test_generated_out_of_range_config_is_refused_for_good(case: tuple[str, int]) -> None:
+    """Dagster's Int check passes any integer; the step then builds the config: a permanent
+    failure naming the field, the value and the range."""
+    name, value = case
+    with pytest.raises(dg.Failure) as refused:
+        StagingConfig(**{name: value})
+    assert not refused.value.allow_retries
+    assert refused.value.description == (
+        f"staged_orders: bad config: {CONFIG_BOUNDS[name].refusal(name, value)}. Not retried: "
+        f"retrying cannot fix this; correct the configuration or setup, then materialize again.")
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(CONFIG_BOUNDS)),
+       value=st.one_of(not_an_integer(), st.booleans(), st.floats(),
+                       st.lists(st.integers(), max_size=2)))
+def test_generated_ill_typed_config_is_refused_at_launch(name: str, value: object) -> None:
+    """The launchpad's own check on the sensor's job: never launched, the field is named."""
+    with pytest.raises(dg.DagsterInvalidConfigError) as refused:
+        dg.validate_run_config(defs.resolve_job_def("ingest_orders"),
+                               {"ops": {"staged_orders": {"config": {name: value}}}})
+    assert f"staged_orders:config:{name}" in str(refused.value)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(ENV_BOUNDS)).flatmap(
+    lambda name: st.tuples(st.just(name), st.one_of(out_of_range(ENV_BOUNDS[name]).map(str),
+                                                    not_an_integer().filter(bool)))))
+def test_generated_bad_env_vars_are_one_cli_line(case: tuple[str, str]) -> None:
+    """An empty variable means unset (its default); anything else out of range is refused."""
+    name, raw = case
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({name: raw})
+    try:
+        shown: object = int(raw)
+    except ValueError:
+        shown = raw
+    assert str(refused.value) == ENV_BOUNDS[name].refusal(name, shown)
+
+    if "\x00" in raw:
+        return  # an environment cannot hold NUL; the refusal above is what it would say
+    stderr = io.StringIO()
+    with mock.patch.dict(os.environ, {name: raw}), contextlib.redirect_stderr(stderr):
+        code = cli.main(["stats"])
+    assert code == 1
+    assert stderr.getvalue() == f"orders-pipeline: error: bad configuration: {refused.value}\n"
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(FLAG_BOUNDS)).flatmap(
+    lambda flag: st.tuples(st.just(flag), st.one_of(out_of_range(FLAG_BOUNDS[flag]).map(str),
+                                                    not_an_integer()))))
+def test_generated_bad_flags_are_one_line(case: tuple[str, str]) -> None:
+    flag, raw = case
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as usage:
+        cli.build_parser().parse_args(["process", f"{flag}={raw}"])
+    assert usage.value.code == 2
+    bound = FLAG_BOUNDS[flag]
+    assert stderr.getvalue() == (
+        f"orders-pipeline process: error: argument {flag}: must be an integer from "
+        f"{bound.span()}, got {raw!r} (see `orders-pipeline process --help`)\n")
+
+
+def test_flags_env_vars_and_config_share_one_set_of_bounds() -> None:
+    parser = cli.build_parser()
+    for flag, bound in FLAG_BOUNDS.items():
+        for good in (bound.minimum, bound.maximum):
+            args = parser.parse_args(["process", f"{flag}={good}"])
+            assert getattr(args, flag[2:].replace("-", "_")) == good
+    for name, bound in CONFIG_BOUNDS.items():
+        for good in (bound.minimum, bound.maximum):
+            assert getattr(StagingConfig(**{name: good}), name) == good
+        assert bound.span() in StagingConfig.model_fields[name].description
+    for name, bound in PIPELINE_BOUNDS.items():
+        for good in (bound.minimum, bound.maximum):
+            assert getattr(Settings.from_env({name: str(good)}).pipeline, name.lower()) == good
+
+
+def test_importing_the_assets_with_a_bad_env_var_does_not_crash() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import orders_pipeline.assets.orders as o; "
+                               "print(o.StagingConfig().batch_size)"],
+        env={**os.environ, "BATCH_SIZE": "lots", "WORKER_COUNT": "0"}, capture_output=True,
+        text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "None\n"
