@@ -35,6 +35,8 @@ from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
 from orders_pipeline.worker import StagingWorker
 from orders_pipeline_tests.helpers import fresh_example, pipeline_env, resources_for
+from orders_pipeline_tests.test_cli import one_error_line
+from orders_pipeline_tests.test_cli import run as cli
 
 NO_666 = "no_customer_666"
 CHECK_666 = f'SQLSTATE 23514: new row for relation "orders" violates check constraint "{NO_666}"'
@@ -78,22 +80,10 @@ def books(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection) -> Con
     return balance
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return lines[0]
-
-
-def one_error_line(err: str) -> str:
-    line = one_line(err)
-    assert line.startswith("orders-pipeline: error: "), err
-    return line
 
 
 @pytest.fixture
