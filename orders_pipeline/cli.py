@@ -1,6 +1,7 @@
-"""`orders-pipeline`: run, inspect and benchmark the pipeline from a shell.
+"""`orders-pipeline`: run and inspect the pipeline from a shell.
 
-Every command reads its configuration from the environment (and `.env`), checks that the
+`benchmark` is handed to the separate `benchmarks` package (`orders-pipeline-benchmark`).
+Every other command reads its configuration from the environment (and `.env`), checks that the
 servers it needs answer before doing anything, and turns the failures people actually meet
 (server down, wrong password, schema or cache not initialised, bad config) into one line on
 stderr and a non-zero exit code instead of a traceback.
@@ -15,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
@@ -25,12 +25,6 @@ from psycopg_pool import PoolTimeout
 from tqdm import tqdm
 
 from orders_pipeline import generator, pipeline
-from orders_pipeline.benchmark import (
-    BenchmarkFailed,
-    BenchmarkOptions,
-    render_benchmark,
-    run_benchmark,
-)
 from orders_pipeline.connections import close_all, pg_connect, redis_client
 from orders_pipeline.postgres_patterns.promotion import QuarantinedBatch, error_text
 from orders_pipeline.postgres_patterns.schema import (
@@ -62,6 +56,7 @@ from orders_pipeline.settings import (
     load_env_file,
 )
 from orders_pipeline.stats import collect_stats, render_stats, throughput_line
+from orders_pipeline.worker import BatchReport, StopRequest, WorkerStats
 
 PROG = "orders-pipeline"
 PREFLIGHT_TIMEOUT_SECONDS = 3
@@ -243,11 +238,16 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
+    """Drain the queue into staging (`--follow`: stage as orders arrive until SIGTERM/Ctrl-C)."""
+    if args.follow and args.iterations is not None:
+        args.parser.error("--iterations and --follow exclude each other")
     _check_postgres(settings, pooled=True)
     client = _check_redis(settings)
     _require_schema(settings)
     workers = args.workers or settings.pipeline.worker_count
     batch_size = args.batch_size or settings.pipeline.batch_size
+    if args.follow:
+        return _follow(settings, workers, batch_size, args.grace)
     depth = OrderQueue(client, _keys(settings)).depth()
     with tqdm(total=depth, desc="stage", unit="order", file=sys.stderr,
               disable=not _tty()) as bar:
@@ -262,6 +262,43 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
     if stats.staged:
         _out(f"run `{PROG} promote` to move the staged rows into orders")
     return 0
+
+
+def _follow(settings: Settings, workers: int, batch_size: int, grace: float) -> int:
+    """`process --follow`: SIGTERM and SIGINT request the stop; one summary line at the end."""
+    stop = StopRequest(grace)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.request()
+
+    def log_batch(report: BatchReport) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {report.line()}", file=sys.stderr,
+              flush=True)
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    print(f"following {settings.redis.key_prefix}:ingestion with {workers} worker(s), batch "
+          f"size {batch_size:,}; SIGTERM or Ctrl-C stops (grace {grace:g} s)", file=sys.stderr,
+          flush=True)
+    try:
+        stats = pipeline.follow_queue(settings, workers=workers, batch_size=batch_size,
+                                      stop=stop, on_batch=log_batch)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _out(_follow_summary(stats, settings))
+    return 0
+
+
+def _follow_summary(stats: WorkerStats, settings: Settings) -> str:
+    left = (f"; {len(stats.left_in_flight)} batch(es) left leased, reclaimed when their lease "
+            f"of CLAIM_TIMEOUT_SECONDS={settings.pipeline.claim_timeout_seconds} s ends: "
+            f"{' '.join(stats.left_in_flight)}" if stats.left_in_flight else "")
+    return (f"stopped after {stats.seconds:.1f} s with {stats.workers} worker(s): "
+            f"{stats.batches:,} batches ({stats.reclaimed_batches:,} reclaimed), claimed "
+            f"{stats.claimed:,}, duplicates {stats.duplicates:,}, rejected {stats.rejected:,}, "
+            f"staged {stats.staged:,}{left}")
 
 
 # SQLSTATEs of failing to reach or keep a connection, which `_run` words: connection
@@ -383,25 +420,18 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
 
-def cmd_benchmark(settings: Settings, args: argparse.Namespace) -> int:
-    _check_postgres(settings, admin=True, pooled=True)
-    _check_redis(settings)
-    options = BenchmarkOptions(
-        total=args.total, batch_size=args.batch_size or settings.pipeline.batch_size,
-        workers=args.workers or settings.pipeline.worker_count, duplicates=args.duplicates,
-        invalid=args.invalid, preload=args.preload, fresh_batch=args.fresh_batch,
-        raw_sample=args.raw_sample, raw_repeats=args.raw_repeats,
-        refresh_every=args.refresh_every, dashboard_interval=args.dashboard_interval,
-        seed=args.seed)
-    result = run_benchmark(settings, options, show_progress=_tty())
-    _out(render_benchmark(result))
-    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    _out(f"results written to {args.output}")
-    orders = result["orders"]
-    if not orders["verified"]:
-        raise CliError(f"benchmark lost orders: {orders['orders_rows']:,} in orders, expected "
-                       f"{orders['expected_rows']:,}")
-    return 0
+def run_benchmark_command(argv: list[str]) -> int:
+    """`orders-pipeline benchmark ARGS`: `orders-pipeline-benchmark ARGS`, from the separate
+    `benchmarks` package (one error line if it is not installed)."""
+    try:
+        from benchmarks.cli import main as benchmark_main  # the only import of benchmarks
+    except ImportError as exc:
+        if exc.name not in ("benchmarks", "benchmarks.cli"):
+            raise
+        print(f"{PROG}: error: the benchmarks package is not installed; install the project "
+              "from its source tree (`pip install -e .`) to run `benchmark`", file=sys.stderr)
+        return 1
+    return benchmark_main(argv, prog=f"{PROG} benchmark")
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
@@ -428,8 +458,8 @@ def _clear_queue(client: redis.Redis, keys: RedisKeys) -> dict[str, int]:
     """Queue state: pending and in-flight orders, counters, rate window, signal log."""
     prefix = glob_escape(keys.prefix)
     named = {name: getattr(keys, name) for name in
-             ("ingestion", "inflight", "owners", "staged", "counters", "order_window",
-              "signals_stream")}
+             ("ingestion", "dequeued", "queue_marks", "inflight", "owners", "staged",
+              "counters", "order_window", "signals_stream")}
     removed = {key: int(client.unlink(key)) for key in named.values()}
     removed[f"{keys.prefix}:batch:*"] = unlink_matching(client, f"{prefix}:batch:*")
     removed[f"{keys.prefix}:signal:*"] = unlink_matching(client, f"{prefix}:signal:*")
@@ -492,7 +522,6 @@ def _within(bound: Bound) -> Callable[[str], int]:
 
 
 _positive_int = _bounded(int, "an integer", 1)
-_non_negative_int = _bounded(int, "an integer", 0)
 _positive_float = _bounded(float, "a number", 0, exclusive=True)
 _workers = _within(WORKERS)
 _batch_size = _within(BATCH_SIZE)
@@ -559,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("process", cmd_process,
                   "Drain the queue into orders_staging with N worker processes "
-                  "(does not promote; run `promote` next).")
+                  "(does not promote; run `promote` next); with --follow, keep staging "
+                  "orders as they arrive until stopped.")
     sub.add_argument("--workers", type=_workers, metavar="N",
                      help=f"worker processes, {WORKERS.span()} (default WORKER_COUNT; "
                           f"1 = in this process)")
@@ -568,6 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--iterations", type=_batches_per_worker, metavar="K",
                      help=f"stop each worker after K batches, {BATCHES_PER_WORKER.span()} "
                           f"(default: until the queue is empty)")
+    sub.add_argument("--follow", action="store_true",
+                     help="keep running: stage batches as they arrive until SIGTERM or "
+                          "Ctrl-C, then finish the batch in hand and print a summary")
+    sub.add_argument("--grace", type=_positive_float, default=10.0, metavar="SECONDS",
+                     help="with --follow: how long a stopping worker may take to finish its "
+                          "batch; past it the batch stays leased and is reclaimed when its "
+                          "lease ends (default 10)")
 
     command("promote", cmd_promote,
             "Move staged batches into orders (idempotent) and release them from Redis; a "
@@ -592,38 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true",
                      help="print one JSON object instead of the table")
 
-    sub = command("benchmark", cmd_benchmark,
-                  "Run the pipeline end to end (producer, workers, promoter and a dashboard "
-                  "at once) and the raw limit of each stage, on a throwaway database and key "
-                  "prefix (both removed afterwards).")
-    sub.add_argument("--total", type=_positive_int, required=True, metavar="N",
-                     help="orders to push through the pipeline")
-    sub.add_argument("--batch-size", type=_batch_size, metavar="B",
-                     help=f"orders per batch, {BATCH_SIZE.span()} (default BATCH_SIZE)")
-    sub.add_argument("--workers", type=_workers, metavar="N",
-                     help=f"staging worker processes, {WORKERS.span()} (default WORKER_COUNT)")
-    sub.add_argument("--duplicates", type=_fraction, default=0.0, metavar="F",
-                     help="fraction of duplicate payloads (default 0)")
-    sub.add_argument("--invalid", type=_fraction, default=0.0, metavar="F",
-                     help="fraction of invalid payloads (default 0)")
-    sub.add_argument("--output", type=Path, default=Path("benchmark-results.json"),
-                     metavar="PATH", help="where to write the JSON results "
-                                          "(default benchmark-results.json)")
-    sub.add_argument("--preload", type=_non_negative_int, default=0, metavar="M",
-                     help="first COPY M orders straight into orders, spread over 90 days "
-                          "(default 0)")
-    sub.add_argument("--fresh-batch", type=_non_negative_int, default=0, metavar="K",
-                     help="after the run, time promotion + refresh of one K-order batch "
-                          "(default 0: skip)")
-    sub.add_argument("--raw-sample", type=_non_negative_int, metavar="R",
-                     help="orders for the raw limits (default min(N, 200000); 0: skip)")
-    sub.add_argument("--raw-repeats", type=_positive_int, default=3, metavar="K",
-                     help="runs of each raw limit; the median is reported (default 3)")
-    sub.add_argument("--refresh-every", type=_positive_float, default=1.0, metavar="SECONDS",
-                     help="least time between view refreshes while ingesting (default 1)")
-    sub.add_argument("--dashboard-interval", type=_positive_float, default=0.25,
-                     metavar="SECONDS", help="pause between dashboard queries (default 0.25)")
-    sub.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
+    # Parsed by the benchmarks package (see `main`); listed here for `--help`.
+    sub = commands.add_parser("benchmark", add_help=False,
+                              help="Run the pipeline end to end beside the raw limit of each "
+                                   "stage (`orders-pipeline benchmark --help`).")
+    sub.add_argument("benchmark_args", nargs=argparse.REMAINDER)
 
     command("listen", cmd_listen,
             "Bridge completion signals that upstream systems only PUBLISH into the durable "
@@ -664,10 +674,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (argparse exits 2 on bad usage)."""
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["benchmark"]:
+        return run_benchmark_command(arguments[1:])
+    args = build_parser().parse_args(arguments)
     try:
         return _run(args)
-    except (CliError, LookupCacheMissing, pipeline.WorkerFailed, BenchmarkFailed,
+    except (CliError, LookupCacheMissing, pipeline.WorkerFailed,
             SchemaFilesMissing) as exc:
         message, code = str(exc), 1
     except ConfigError as exc:

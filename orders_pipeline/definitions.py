@@ -1,22 +1,30 @@
-"""The Dagster code location: `dagster dev` and `dagster asset materialize -m` load `defs`."""
+"""The Dagster code location that `dagster dev`, `dg` and `dagster asset materialize -m` load.
+
+One module per area under `orders_pipeline.assets`; the sensors that launch runs are in
+`orders_pipeline.sensors`. Descriptions and Redis URIs show the key prefix of this environment.
+"""
 
 import dagster as dg
 
-from orders_pipeline.assets import checks, lookup, orders, views
-from orders_pipeline.jobs import ingest_orders_job, refresh_lookup_cache_job, refresh_views_job
+from orders_pipeline.assets import checks, lookup, orders, queue, views
+from orders_pipeline.assets.catalog import rendered
+from orders_pipeline.jobs import ingest_orders_job
 from orders_pipeline.resources import resources_from_env
-from orders_pipeline.schedules import lookup_cache_daily, views_hourly
-from orders_pipeline.sensors import completion_signal_sensor
-from orders_pipeline.settings import load_env_file
+from orders_pipeline.sensors import automation_condition_sensor, completion_signal_sensor
+from orders_pipeline.settings import RedisSettings, load_env_file
 
 load_env_file()
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([lookup, orders, views]),
-    asset_checks=dg.load_asset_checks_from_modules([checks]),
-    jobs=[ingest_orders_job, refresh_lookup_cache_job, refresh_views_job],
-    sensors=[completion_signal_sensor],
-    schedules=[lookup_cache_daily, views_hourly],
+    assets=dg.map_asset_specs(rendered(RedisSettings.from_env()), [
+        queue.INGESTION_QUEUE,  # external: producers fill it
+        *lookup.LOOKUP_TABLE_SPECS, lookup.lookup_cache,  # external tables, their Redis snapshot
+        orders.staged_orders, orders.promoted_orders,  # with orders_rejected and the rollups
+        views.sales_hourly, views.product_performance_daily,
+    ]),
+    asset_checks=[queue.MONITOR.checks, *dg.load_asset_checks_from_modules([checks])],
+    jobs=[ingest_orders_job],
+    sensors=[completion_signal_sensor, queue.MONITOR.sensor, automation_condition_sensor],
     resources=resources_from_env(),
     # Worker parallelism lives inside `staged_orders` (N processes); one process per run
     # avoids paying Dagster's per-step process start-up on every asset.

@@ -1,15 +1,22 @@
 """Pipeline operations shared by the Dagster assets and the CLI: one implementation each.
 
-`stage_queue` runs N staging worker processes, `promote_staged` moves staged batches into
+`stage_queue` drains the queue with N staging worker processes, `follow_queue` runs N
+long-running workers until they are asked to stop, `promote_staged` moves staged batches into
 `orders` and releases them from Redis (quarantining poison batches), `readmit_quarantined`
 hands quarantined batches back, `refresh_all_views` refreshes the dashboards.
 """
 
+import contextlib
 import multiprocessing as mp
-import queue as queue_module
+import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.synchronize import Event
+from multiprocessing import connection as mp_connection
+from multiprocessing.queues import SimpleQueue
+from types import FrameType
+from typing import Any
 
 from orders_pipeline.connections import pg_pool, redis_client
 from orders_pipeline.postgres_patterns.promotion import (
@@ -25,7 +32,7 @@ from orders_pipeline.postgres_patterns.views import ROLLUPS, refresh_views
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
-from orders_pipeline.worker import BatchReport, StagingWorker, WorkerStats
+from orders_pipeline.worker import BatchReport, StagingWorker, StopRequest, WorkerStats
 
 
 class WorkerFailed(RuntimeError):
@@ -36,81 +43,141 @@ class WorkerFailed(RuntimeError):
     """
 
 
-def _waiting_for(producer_done: Event | None) -> Callable[[], bool] | None:
-    """While the producer is not done, an empty queue is a lull, not the end."""
-    return None if producer_done is None else lambda: not producer_done.is_set()
-
-
-def _worker_main(settings: Settings, batch_size: int, max_batches: int | None,
-                 reports: "mp.Queue[object]", producer_done: Event | None) -> None:
+def _report_outcome(reports: "SimpleQueue[Any]", run: Callable[[], WorkerStats]) -> None:
+    """Run a worker in a child process and report its totals, or its error, to the parent."""
     name = mp.current_process().name
     try:
-        stats = StagingWorker(settings).drain(batch_size, max_batches, on_batch=reports.put,
-                                              wait_while=_waiting_for(producer_done))
-        reports.put(("done", name, stats))
+        stats = run()
     except BaseException as exc:  # reported to the parent, which fails the run
         reports.put(("error", name, f"{name}: {type(exc).__name__}: {exc}"))
         raise
+    reports.put(("done", name, stats))
+
+
+def _drain_main(settings: Settings, batch_size: int, max_batches: int | None,
+                reports: "SimpleQueue[Any]") -> None:
+    _report_outcome(reports, lambda: StagingWorker(settings).drain(
+        batch_size, max_batches, on_batch=reports.put))
+
+
+def _follow_main(settings: Settings, batch_size: int, grace_seconds: float,
+                 reports: "SimpleQueue[Any]") -> None:
+    """A following worker process: SIGTERM (how its supervisor forwards a stop) stops it
+    gracefully; SIGINT is ignored, as a Ctrl-C reaches it through the supervisor."""
+    stop = StopRequest(grace_seconds)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        stop.request()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    _report_outcome(reports, lambda: StagingWorker(settings).follow(
+        batch_size, stop, on_batch=reports.put))
+
+
+def _supervise(settings: Settings, workers: int, target: Callable[..., None],
+               args: tuple[Any, ...], on_batch: Callable[[BatchReport], None] | None,
+               stop: StopRequest | None = None) -> tuple[WorkerStats, list[str]]:
+    """Run `target(settings, *args, reports)` in `workers` spawned processes until all exit.
+
+    Each child reports every BatchReport (passed to `on_batch` here) and then its totals or
+    its error. A thread waits for the processes' exits (their sentinels) and then closes the
+    report stream; a child's reports are written synchronously before it exits, so none is
+    missed. With `stop` (following workers) a stop request is forwarded to every process
+    as SIGTERM, and one process ending, for whatever reason, stops the others. Returns the
+    merged totals (`seconds`: the longest worker's) and one line per failed process.
+    """
+    ctx = mp.get_context("spawn")
+    reports = ctx.SimpleQueue()
+    processes = [ctx.Process(target=target, name=f"staging-worker-{i}",
+                             args=(settings, *args, reports), daemon=True)
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    running = {process.sentinel: process for process in processes}
+
+    def forward_stop() -> None:
+        for process in list(running.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+
+    def await_exits() -> None:
+        while running:
+            for sentinel in mp_connection.wait(list(running)):
+                running.pop(sentinel).join()
+                if stop is not None:
+                    stop.request()
+        reports.put(None)
+
+    if stop is not None:
+        stop.on_request(forward_stop)
+    waiter = threading.Thread(target=await_exits, name="staging-supervisor", daemon=True)
+    waiter.start()
+    total = WorkerStats(workers=workers)
+    errors: list[str] = []
+    reported: set[str] = set()
+    for message in iter(reports.get, None):
+        if isinstance(message, BatchReport):
+            if on_batch is not None:
+                on_batch(message)
+            continue
+        kind, name, body = message
+        reported.add(name)
+        if kind == "done":
+            total.merge(body)
+            total.seconds = max(total.seconds, body.seconds)
+        else:
+            errors.append(body)
+    waiter.join()
+    # A child reports before it exits: one that did not was killed (SIGKILL, OOM killer), or
+    # got its stop before it could handle one (then it held no batch).
+    stopped_early = -signal.SIGTERM if stop is not None and stop.requested else None
+    errors += [f"{p.name} exited with code {p.exitcode}" for p in processes
+               if p.name not in reported and p.exitcode != stopped_early]
+    return total, errors
 
 
 def stage_queue(settings: Settings, *, workers: int, batch_size: int,
                 max_batches: int | None = None,
-                on_batch: Callable[[BatchReport], None] | None = None,
-                producer_done: Event | None = None) -> WorkerStats:
+                on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
     """Drain the queue into staging with `workers` processes (1 = in this process).
 
-    With `producer_done` (an Event of the "spawn" context) workers keep waiting at an
-    empty queue until it is set, so they can run beside a producer that is still pushing.
     Returns once every worker has finished (see `StagingWorker.drain`: nothing queued and
     nothing claimed); a worker that raised or died does not end the others early, they take
     over its batch when its lease runs out. Raises WorkerFailed after that if any worker
     failed.
     """
     if workers <= 1:
-        stats = StagingWorker(settings).drain(batch_size, max_batches, on_batch,
-                                              wait_while=_waiting_for(producer_done))
-        stats.per_worker_seconds = [stats.seconds]
-        return stats
-    ctx = mp.get_context("spawn")
-    reports: mp.Queue[object] = ctx.Queue()
-    processes = [ctx.Process(target=_worker_main, name=f"staging-worker-{i}",
-                             args=(settings, batch_size, max_batches, reports, producer_done),
-                             daemon=True)
-                 for i in range(workers)]
-    total = WorkerStats(workers=workers)
-    errors: list[str] = []
-    for process in processes:
-        process.start()
-    running = {process.name: process for process in processes}
-    while running:
-        try:
-            message = reports.get(timeout=0.5)
-        except queue_module.Empty:
-            # A worker flushes its last report before it exits: one that exited before the
-            # queue was seen empty never reported (SIGKILL, OOM killer).
-            exited = [p for p in running.values() if p.exitcode is not None]
-            if exited and reports.empty():
-                for process in exited:
-                    errors.append(f"{process.name} exited with code {process.exitcode}")
-                    del running[process.name]
-            continue
-        if isinstance(message, BatchReport):
-            if on_batch is not None:
-                on_batch(message)
-            continue
-        kind, name, body = message
-        running.pop(name, None)
-        if kind == "done":
-            total.merge(body)
-        else:
-            errors.append(body)
-    for process in processes:
-        process.join(timeout=30)
-    total.seconds = max(total.per_worker_seconds, default=0.0)
+        return StagingWorker(settings).drain(batch_size, max_batches, on_batch)
+    total, errors = _supervise(settings, workers, _drain_main, (batch_size, max_batches),
+                               on_batch)
     if errors:
         raise WorkerFailed("; ".join(errors) + " (a failed worker's batch is taken over once "
                            "its lease of CLAIM_TIMEOUT_SECONDS="
                            f"{settings.pipeline.claim_timeout_seconds} s runs out)")
+    return total
+
+
+def follow_queue(settings: Settings, *, workers: int, batch_size: int, stop: StopRequest,
+                 on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
+    """Stage batches as they arrive with `workers` long-running workers until `stop`.
+
+    1 worker runs in this process (`StagingWorker.follow`; in the main thread for the grace
+    timer); more run as processes, each stopped by a forwarded SIGTERM with the same grace
+    period, and one ending (stopped or failed) stops the others. Returns the totals once all
+    have stopped: every batch they took is staged, or listed in `left_in_flight` (still
+    leased, reclaimed when its lease runs out). Raises WorkerFailed if a worker process
+    raised or died (its batch is reclaimed the same way).
+    """
+    if workers <= 1:
+        return StagingWorker(settings).follow(batch_size, stop, on_batch)
+    total, errors = _supervise(settings, workers, _follow_main,
+                               (batch_size, stop.grace_seconds), on_batch, stop)
+    if errors:
+        raise WorkerFailed("; ".join(errors) + "; the other workers were stopped (a failed "
+                           "worker's batch is reclaimed once its lease of "
+                           f"CLAIM_TIMEOUT_SECONDS={settings.pipeline.claim_timeout_seconds}"
+                           " s runs out)")
     return total
 
 

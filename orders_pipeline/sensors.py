@@ -1,9 +1,10 @@
-"""Launch an ingest run for completion signals, read from the durable signal stream.
+"""The sensors that launch runs: ingest runs for completion signals, and automation.
 
-The tick never blocks: it reads `{P}:signals` after its cursor with XRANGE and returns. All
-signals found in one tick are coalesced into one run whose run key names the range of stream
-ids it covers, so every signal leads to exactly one run, and signals recorded while the
-daemon was down are picked up by the next tick.
+`completion_signal_sensor` launches an ingest run for completion signals, read from the
+durable signal stream. The tick never blocks: it reads `{P}:signals` after its cursor with
+XRANGE and returns. All signals found in one tick are coalesced into one run whose run key
+names the range of stream ids it covers, so every signal leads to exactly one run, and
+signals recorded while the daemon was down are picked up by the next tick.
 
 No tick raises on data: a stream entry that is not a valid signal (written by an older
 version or by hand) is skipped, logged with its id and reason and counted in the run's tags
@@ -22,10 +23,11 @@ MAX_SIGNALS_PER_RUN = 10_000
 
 
 @dg.sensor(
-    job=ingest_orders_job,
+    target=ingest_orders_job,
     minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="One ingest run per batch of new completion signals in `{P}:signals`.",
+    description="One ingest run per burst of new completion signals in the Redis stream "
+                "`<REDIS_KEY_PREFIX>:signals`.",
 )
 def completion_signal_sensor(context: dg.SensorEvaluationContext,
                              redis: RedisResource) -> dg.SensorResult | dg.SkipReason:
@@ -65,3 +67,14 @@ def completion_signal_sensor(context: dg.SensorEvaluationContext,
         )],
         cursor=page.cursor,
     )
+
+
+# Runs the assets' automation conditions (`lookup_cache` daily at 03:00 UTC, the views after
+# promotions outside an ingest run). Dagster would add a sensor of this name by itself, but
+# stopped; this one runs from the start.
+automation_condition_sensor = dg.AutomationConditionSensorDefinition(
+    "default_automation_condition_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Launches the runs the assets' automation conditions ask for.",
+)

@@ -4,17 +4,22 @@ The order of steps is what makes redelivery safe: validation and enrichment come
 dedup marks (a rejected order never marks its id), the marks carry this batch's token (a
 redelivered batch is never a duplicate of itself), and the batch leaves the lease only after
 its staging transaction commits. It leaves Redis altogether only at promotion.
+
+A worker either drains the queue (`drain`: until nothing is queued or claimed) or follows it
+(`follow`: a long-running worker that waits for work until a `StopRequest`).
 """
 
 import contextlib
 import logging
 import os
-import resource
+import signal
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import FrameType
 
 import polars as pl
 import psycopg
@@ -37,27 +42,19 @@ TRANSIENT_RETRIES = 6
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, psycopg.OperationalError,
     psycopg_pool.PoolTimeout)
-IDLE_POLL_SECONDS = 0.02
 # How often a drain with nothing left to claim looks again at batches others hold: a
 # live worker's batch leaves `{P}:inflight` as soon as it is staged, long before its lease ends.
 LEASE_POLL_SECONDS = 0.1
-
-
-class StepClock:
-    """Seconds per step of one batch, so a benchmark can rate each stage of the worker."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, step: str) -> None:
-        now = time.perf_counter()
-        self.seconds[step] = self.seconds.get(step, 0.0) + now - self._last
-        self._last = now
+# Longest a following worker waits for a completion signal before it looks at the queue
+# again (orders pushed without a signal, leases running out, a stop request).
+FOLLOW_WAIT_SECONDS = 1.0
+STOP_CHECK_SECONDS = 0.1
 
 
 @dataclass
 class BatchReport:
+    """What one batch came to: orders claimed, dropped as duplicates, rejected and staged,
+    seconds from claim to hand-over, the staging outcome, and whether it was reclaimed."""
     batch_id: str
     claimed: int
     duplicates: int
@@ -66,7 +63,6 @@ class BatchReport:
     seconds: float
     outcome: str
     reclaimed: bool
-    steps: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
         rate = self.claimed / self.seconds if self.seconds else 0.0
@@ -78,6 +74,8 @@ class BatchReport:
 
 @dataclass
 class WorkerStats:
+    """Totals of one or more workers; `seconds` is wall time, `left_in_flight` the batches a
+    stop interrupted (still leased: reclaimed once their lease runs out)."""
     batches: int = 0
     claimed: int = 0
     duplicates: int = 0
@@ -86,11 +84,7 @@ class WorkerStats:
     reclaimed_batches: int = 0
     seconds: float = 0.0
     workers: int = 1
-    per_worker_seconds: list[float] = field(default_factory=list)
-    peak_rss_kib: list[int] = field(default_factory=list)
-    # Time spent on batches (claim to hand-over), summed over workers: not idle polling.
-    busy_seconds: float = 0.0
-    step_seconds: dict[str, float] = field(default_factory=dict)
+    left_in_flight: list[str] = field(default_factory=list)
 
     def add_batch(self, report: BatchReport) -> None:
         self.batches += 1
@@ -99,27 +93,111 @@ class WorkerStats:
         self.rejected += report.rejected
         self.staged += report.staged
         self.reclaimed_batches += int(report.reclaimed)
-        self._add_steps(report.steps)
 
     def merge(self, other: "WorkerStats") -> None:
+        """Add another worker's counts (not its seconds: the caller knows the wall time)."""
         for name in ("batches", "claimed", "duplicates", "rejected", "staged",
                      "reclaimed_batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.per_worker_seconds.append(other.seconds)
-        self.peak_rss_kib += other.peak_rss_kib
-        self._add_steps(other.step_seconds)
-
-    def _add_steps(self, steps: dict[str, float]) -> None:
-        for step, seconds in steps.items():
-            self.step_seconds[step] = self.step_seconds.get(step, 0.0) + seconds
-            self.busy_seconds += seconds
+        self.left_in_flight += other.left_in_flight
 
     @property
     def rows_per_second(self) -> float:
         return self.claimed / self.seconds if self.seconds else 0.0
 
-    def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "rows_per_second": self.rows_per_second}
+
+class GraceExpired(KeyboardInterrupt):
+    """The batch in hand was not done within the grace period of a stop.
+
+    A KeyboardInterrupt, so that libraries treat it as an interruption: psycopg cancels the
+    query in flight instead of leaving the connection busy.
+    """
+
+
+class StopRequest:
+    """Asks a following worker (`StagingWorker.follow`) to stop, e.g. from a signal handler.
+
+    After `request()` the worker claims nothing more. The batch in hand is finished; if that
+    takes longer than `grace_seconds`, SIGALRM interrupts it (GraceExpired) and the batch
+    stays leased in `{P}:inflight`, to be reclaimed when its lease runs out, exactly as after
+    a crash (staging is idempotent): it is never lost. The grace timer needs the worker to
+    run in the main thread (where Python runs signal handlers); elsewhere the batch in hand
+    is always finished. `request()` only sets flags, arms that timer and calls the listeners
+    (`on_request`), so it is safe in a signal handler; a second request changes nothing.
+    """
+
+    def __init__(self, grace_seconds: float) -> None:
+        if grace_seconds <= 0:
+            raise ValueError(f"the grace period must be positive, got {grace_seconds} s")
+        self.grace_seconds = grace_seconds
+        self.requested = False
+        self._holding = False
+        self._timer_installed = False
+        self._armed = False
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_request(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (no arguments) when the stop is requested; now if it already was."""
+        self._listeners.append(listener)
+        if self.requested:
+            listener()
+
+    def request(self) -> None:
+        """Stop: finish the batch in hand within the grace period, claim nothing more."""
+        first = not self.requested
+        self.requested = True
+        if self._holding:
+            self._arm()
+        if first:
+            for listener in self._listeners:
+                listener()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep `seconds`, or less: until the stop is requested."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, STOP_CHECK_SECONDS))
+
+    @contextlib.contextmanager
+    def holding_batch(self) -> Iterator[None]:
+        """The block that claims and processes one batch: a stop inside it starts the timer."""
+        self._holding = True
+        try:
+            if self.requested:
+                self._arm()
+            yield
+        finally:
+            self._holding = False
+            self._disarm()
+
+    @contextlib.contextmanager
+    def grace_timer(self) -> Iterator[None]:
+        """Install the SIGALRM handler that ends the grace period (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGALRM, self._expire)
+        self._timer_installed = True
+        try:
+            yield
+        finally:
+            self._disarm()
+            self._timer_installed = False
+            signal.signal(signal.SIGALRM, previous)
+
+    def _expire(self, signum: int, frame: FrameType | None) -> None:
+        if self._holding:
+            raise GraceExpired(f"the batch in hand was not done within {self.grace_seconds} s")
+
+    def _arm(self) -> None:
+        if self._timer_installed and not self._armed:
+            self._armed = True
+            signal.setitimer(signal.ITIMER_REAL, self.grace_seconds)
+
+    def _disarm(self) -> None:
+        if self._armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._armed = False
 
 
 class StagingWorker:
@@ -145,17 +223,13 @@ class StagingWorker:
     def process(self, batch: ClaimedBatch) -> BatchReport:
         crash_point("after_claim")
         started = time.perf_counter()
-        clock = StepClock()
         payloads = batch.payloads
         parsed = transform.parse_payloads(payloads)
-        clock.lap("parse")
         valid, invalid = transform.validate_values(parsed.rows)
         lookups = self._fetch_lookups(transform.lookup_ids(valid))
         enriched, unknown = transform.enrich(valid, lookups)
-        clock.lap("transform")
         tokens = [f"{batch.batch_id}:{p}" for p in enriched["batch_position"].to_list()]
         keep = self.dedup.check_and_mark(enriched["order_id"].to_list(), tokens)
-        clock.lap("dedup")
         crash_point("after_dedup")
         staged = enriched.filter(pl.Series(keep, dtype=pl.Boolean)) if keep else enriched
         rejects = pl.concat([
@@ -163,17 +237,14 @@ class StagingWorker:
             transform.rejects_from(pl.concat([invalid, unknown]), payloads),
         ])
         duplicates = enriched.height - staged.height
-        clock.lap("transform")
         with pg_pool(self.settings.postgres).connection() as conn:
             outcome = stage_batch(conn, StagingBatch(
                 batch.batch_id, len(payloads), staged, rejects, duplicates))
-        clock.lap("copy")
         crash_point("after_copy")
         self._hand_over(batch, outcome, staged)
-        clock.lap("hand_over")
         return BatchReport(batch.batch_id, len(payloads), duplicates, rejects.height,
                            staged.height, time.perf_counter() - started, outcome.value,
-                           batch.reclaimed, clock.seconds)
+                           batch.reclaimed)
 
     def _fetch_lookups(self, ids: dict[str, list[str]]) -> dict[str, pl.DataFrame]:
         try:
@@ -214,8 +285,7 @@ class StagingWorker:
                     self.queue.extend_lease(batch)
 
     def drain(self, batch_size: int, max_batches: int | None = None,
-              on_batch: Callable[[BatchReport], None] | None = None,
-              wait_while: Callable[[], bool] | None = None) -> WorkerStats:
+              on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
         """Process batches until nothing is queued or claimed (or `max_batches` were processed).
 
         A drain is done only when the ingestion list is empty *and* `{P}:inflight` is: while
@@ -224,22 +294,13 @@ class StagingWorker:
         lease runs out, i.e. a dead worker's batch at most its CLAIM_TIMEOUT_SECONDS after the
         claim. A live worker's batch leaves `{P}:inflight` once staged; a batch requeued with
         deadline 0 is reclaimed at once. So "done" never leaves orders claimed but unstaged.
-
-        With `wait_while`, an empty queue ends the drain only once it returns False: a
-        worker running beside a producer waits for more instead of quitting at a lull. It
-        is read before each claim, so an empty claim after False means nothing is left.
         """
         stats = WorkerStats()
         started = time.perf_counter()
         waiting_for_leases = False
         while max_batches is None or stats.batches < max_batches:
-            more_coming = wait_while is not None and wait_while()
-            claim_started = time.perf_counter()
             batch = self.next_batch(batch_size)
             if batch is None:
-                if more_coming:
-                    time.sleep(IDLE_POLL_SECONDS)
-                    continue
                 until_expiry = self.queue.seconds_until_lease_expiry()
                 if until_expiry is None:
                     break
@@ -251,12 +312,78 @@ class StagingWorker:
                 time.sleep(min(until_expiry, LEASE_POLL_SECONDS))
                 continue
             waiting_for_leases = False
-            claim_seconds = time.perf_counter() - claim_started
             report = self._process_with_retries(batch)
-            report.steps["claim"] = claim_seconds
             stats.add_batch(report)
             if on_batch is not None:
                 on_batch(report)
         stats.seconds = time.perf_counter() - started
-        stats.peak_rss_kib = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]
         return stats
+
+    def follow(self, batch_size: int, stop: StopRequest,
+               on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
+        """Process batches as they arrive until `stop` is requested (a long-running worker).
+
+        Between batches it holds nothing: with the queue empty it blocks on the completion
+        signal stream (`CompletionSignals.wait_after`, at most FOLLOW_WAIT_SECONDS, never past
+        the earliest lease deadline), so a push wakes it at once and a dead worker's batch is
+        reclaimed when its lease runs out; orders pushed without a signal wait at most
+        FOLLOW_WAIT_SECONDS. After a stop request it claims nothing more; the
+        batch in hand is finished, or, past the grace period, left leased (its id in
+        `left_in_flight`). Returns the totals; `seconds` is the time it ran.
+        """
+        stats = WorkerStats()
+        started = time.perf_counter()
+        failures = 0
+        with stop.grace_timer():
+            while not stop.requested:
+                batch: ClaimedBatch | None = None
+                report: BatchReport | None = None
+                try:
+                    with stop.holding_batch():
+                        batch = self.next_batch(batch_size)
+                        if batch is not None:
+                            report = self._process_with_retries(batch)
+                    if batch is None and not stop.requested:
+                        self._wait_for_work(stop)
+                    failures = 0
+                except GraceExpired:
+                    if batch is None:
+                        log.warning("stopping: a claim was not done within %g s; a batch it "
+                                    "took is reclaimed when its lease ends", stop.grace_seconds)
+                    elif report is None:
+                        log.warning("stopping: batch %s not done within %g s, left leased "
+                                    "(reclaimed when its lease ends)", batch.batch_id,
+                                    stop.grace_seconds)
+                        stats.left_in_flight.append(batch.batch_id)
+                except TRANSIENT_ERRORS as exc:
+                    # A server restarting under a long-running worker: wait, then go on; a
+                    # batch it held is reclaimed when its lease ends (by this worker, too).
+                    failures += 1
+                    delay = min(0.2 * 2**failures, 5.0)
+                    log.warning("%s: %s; trying again in %.1f s", type(exc).__name__, exc,
+                                delay)
+                    stop.sleep(delay)
+                if report is not None:
+                    stats.add_batch(report)
+                    if on_batch is not None:
+                        on_batch(report)
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def _wait_for_work(self, stop: StopRequest) -> None:
+        """Block until a signal arrives, a lease runs out, `stop`, or FOLLOW_WAIT_SECONDS.
+
+        The wait is cut into STOP_CHECK_SECONDS slices so that a stop is seen within one.
+        """
+        signals = self.queue.signals
+        mark = signals.latest_id()  # before looking: a push after this wakes the wait
+        if self.queue.depth():
+            return
+        until_expiry = self.queue.seconds_until_lease_expiry()
+        wait = FOLLOW_WAIT_SECONDS if until_expiry is None else min(until_expiry,
+                                                                   FOLLOW_WAIT_SECONDS)
+        deadline = time.monotonic() + wait
+        while not stop.requested:
+            left = deadline - time.monotonic()
+            if left <= 0 or signals.wait_after(mark, min(left, STOP_CHECK_SECONDS)):
+                return

@@ -20,13 +20,20 @@ import pytest
 from orders_pipeline.settings import Settings
 from orders_pipeline_tests.helpers import REPO, dagster_env, free_port
 
+# The assets Dagster materializes, with their upstream assets.
 ASSET_LINEAGE = {
-    "lookup_cache": set(),
-    "staged_orders": {"lookup_cache"},
+    "lookup_cache": {"products", "currencies", "zip_codes"},
+    "staged_orders": {"ingestion_queue", "lookup_cache"},
+    "orders_rejected": {"ingestion_queue", "lookup_cache"},
     "promoted_orders": {"staged_orders"},
-    "sales_hourly": {"promoted_orders"},
-    "product_performance_daily": {"promoted_orders"},
+    "sales_hourly_rollup": {"staged_orders"},
+    "product_daily_rollup": {"staged_orders"},
+    "sales_hourly": {"promoted_orders", "sales_hourly_rollup"},
+    "product_performance_daily": {"promoted_orders", "product_daily_rollup"},
 }
+# External assets: others write them; Dagster shows them in the lineage and observes the queue.
+EXTERNAL_ASSETS = {"ingestion_queue": set(), "products": set(), "currencies": set(),
+                   "zip_codes": set()}
 
 
 class Dagit:
@@ -59,6 +66,23 @@ class Dagit:
                 pass
             time.sleep(1)
         raise TimeoutError("dagster dev did not answer")
+
+    def wait_observation(self, asset: str, label: str, timeout: float = 90) -> int:
+        """The integer `label` of the asset's latest observation, once there is one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = self.graphql(
+                """query($key: AssetKeyInput!) { assetOrError(assetKey: $key) {
+                     ... on Asset { assetObservations(limit: 1) { metadataEntries {
+                       label ... on IntMetadataEntry { intValue } } } } } }""",
+                {"key": {"path": [asset]}})
+            observations = data["assetOrError"]["assetObservations"]
+            if observations:
+                entries = {e["label"]: e.get("intValue")
+                           for e in observations[0]["metadataEntries"]}
+                return int(entries[label])
+            time.sleep(1)
+        raise TimeoutError(f"no observation of {asset} within {timeout} s")
 
     def wait_run(self, run_id: str, timeout: float = 180) -> str:
         """The run's final status, or its status when `timeout` ran out."""

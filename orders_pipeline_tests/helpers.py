@@ -8,8 +8,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -31,6 +32,15 @@ from orders_pipeline.resources import PostgresResource, RedisResource
 from orders_pipeline.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60,
+             interval: float = 0.05) -> None:
+    """Return once `predicate()` is true; fail the test naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
 
 
 def free_port() -> int:

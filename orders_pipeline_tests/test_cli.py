@@ -202,33 +202,6 @@ def test_bad_arguments_and_config(cli_env: Path, monkeypatch: pytest.MonkeyPatch
     assert code != 0 and "BATCH_SIZE" in one_error_line(err)
 
 
-def test_benchmark_writes_results_and_leaves_nothing_behind(
-        cli_env: Path, pg: psycopg.Connection, rconn: redis.Redis,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    bench_dbs = "SELECT datname FROM pg_database WHERE datname LIKE 'orders\\_bench\\_%'"
-    before = {r[0] for r in pg.execute(bench_dbs)}
-    output = cli_env / "bench.json"
-    code, out, _ = run(capsys, "benchmark", "--total", "5000", "--workers", "2",
-                       "--output", str(output))
-    assert code == 0 and "end-to-end" in out
-    result = json.loads(output.read_text())
-    assert [s["stage"] for s in result["stages"]] == ["build", "push", "stage", "promote",
-                                                      "refresh"]
-    assert all(s["rows_per_second"] > 0 for s in result["stages"])
-    assert result["end_to_end"]["orders_per_second"] > 0
-    assert result["orders"]["verified"] and result["orders"]["orders_rows"] == 5000
-    assert result["peak_rss_kib"]["self"] > 0 and result["machine"]["postgres_server"]
-    assert {"producer", "promoter", "dashboard", "workers", "raw_limits"} <= set(
-        result["peak_rss_kib"])
-    assert [c["stage"] for c in result["comparisons"]] == [
-        "push", "claim", "dedup", "parse", "transform", "copy", "promote"]
-    assert result["raw_limits"]["limits"]["views_match_full_recompute"]["value"]
-    assert result["dashboard"]["all"]["count"] > 0
-    after = {r[0] for r in pg.execute(bench_dbs)}
-    assert result["database"] not in after and after <= before
-    assert not list(rconn.scan_iter(match=f"{result['key_prefix']}:*"))
-
-
 def test_watch_line_shows_throughput_lag_and_backpressure() -> None:
     base = {"orders_rows": 1_000, "queue_depth": 4_000, "in_flight": 1_000,
             "backpressure_active": True}

@@ -1,8 +1,10 @@
 """End to end through Dagster: the asset graph on real Redis, PgBouncer and Postgres."""
 
 import dataclasses
+import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -10,13 +12,14 @@ import psycopg
 import pytest
 import redis
 
-from orders_pipeline.assets import checks, lookup, orders, views
+from orders_pipeline.assets import checks, lookup, orders, queue, views
 from orders_pipeline.connections import pg_connect
 from orders_pipeline.definitions import defs
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.sensors import completion_signal_sensor
 from orders_pipeline.settings import Settings
+from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS
 from orders_pipeline_tests.helpers import (
     REPO,
     dagster_env,
@@ -26,7 +29,9 @@ from orders_pipeline_tests.helpers import (
     valid_order_ids,
 )
 
-ALL_ASSETS = [*dg.load_assets_from_modules([lookup, orders, views]),
+# Everything Dagster materializes, with the checks of those assets.
+ALL_ASSETS = [lookup.lookup_cache, orders.staged_orders, orders.promoted_orders,
+              views.sales_hourly, views.product_performance_daily,
               *dg.load_asset_checks_from_modules([checks])]
 
 
@@ -44,21 +49,81 @@ def _snapshot(pg: psycopg.Connection) -> dict[str, object]:
 
 
 def test_definitions_load_and_validate(settings: Settings, tmp_path: Path) -> None:
-    assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} == {
-        "lookup_cache", "staged_orders", "promoted_orders", "sales_hourly",
-        "product_performance_daily"}
     graph = defs.resolve_asset_graph()
     upstream = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
                 for k in graph.get_all_asset_keys()}
-    assert upstream == {"lookup_cache": set(), "staged_orders": {"lookup_cache"},
-                        "promoted_orders": {"staged_orders"},
-                        "sales_hourly": {"promoted_orders"},
-                        "product_performance_daily": {"promoted_orders"}}
+    assert upstream == {**ASSET_LINEAGE, **EXTERNAL_ASSETS}
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()
+            if not graph.get(k).is_materializable} == set(EXTERNAL_ASSETS)
+    repository = defs.get_repository_def()
+    assert not repository.schedule_defs  # automation conditions replaced the schedules
+    assert {s.name for s in repository.sensor_defs} == {
+        "completion_signal_sensor", "queue_observation_sensor",
+        "default_automation_condition_sensor"}
+    assert all(s.default_status == dg.DefaultSensorStatus.RUNNING
+               for s in repository.sensor_defs)
+    assert [j.name for j in repository.get_all_jobs() if not j.name.startswith("__")] == [
+        "ingest_orders"]
     result = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env=dagster_env(settings, tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_automation_conditions_and_freshness_on_the_assets() -> None:
+    specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
+    cron = specs["lookup_cache"].automation_condition
+    assert cron is not None and cron.get_label() == "on_cron(0 3 * * *, UTC)"
+    for view in ("sales_hourly", "product_performance_daily"):
+        assert specs[view].automation_condition.get_label() == "eager"
+    assert {k for k, s in specs.items() if s.automation_condition} == {
+        "lookup_cache", "sales_hourly", "product_performance_daily"}
+    hourly = dg.FreshnessPolicy.time_window(warn_window=timedelta(hours=1),
+                                            fail_window=timedelta(hours=24))
+    assert {k: s.freshness_policy for k, s in specs.items() if s.freshness_policy} == {
+        "promoted_orders": hourly, "sales_hourly": hourly, "product_performance_daily": hourly,
+        "lookup_cache": dg.FreshnessPolicy.time_window(warn_window=timedelta(hours=25),
+                                                       fail_window=timedelta(hours=49))}
+    sensor = defs.get_repository_def().get_sensor_def("completion_signal_sensor")
+    assert [j.name for j in sensor.jobs] == ["ingest_orders"]
+
+
+def _dg(settings: Settings, tmp_path: Path, *command: str, **env: str
+        ) -> subprocess.CompletedProcess[str]:
+    """`dg` (from the dev extra) as CI runs it: a throwaway DAGSTER_HOME, no telemetry."""
+    home = tmp_path / "dg-home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry: {enabled: false}\n")
+    return subprocess.run([str(Path(sys.executable).with_name("dg")), *command], cwd=REPO,
+                          capture_output=True, text=True, timeout=180,
+                          env={**dagster_env(settings, tmp_path / "unused"),
+                               "DAGSTER_HOME": str(home), **env})
+
+
+def test_dg_check_and_list_defs_show_the_configured_prefix(settings: Settings,
+                                                            tmp_path: Path) -> None:
+    checked = _dg(settings, tmp_path, "check", "defs")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "All definitions loaded successfully." in checked.stdout
+
+    listed = _dg(settings, tmp_path, "list", "defs", "--json", REDIS_KEY_PREFIX="{shop7}")
+    assert listed.returncode == 0, listed.stderr
+    found = json.loads(listed.stdout)
+    assets = {a["asset_key"]: a for a in found["assets"]}
+    assert {k: set(a["dependency_keys"]) for k, a in assets.items()} == {
+        **ASSET_LINEAGE, **EXTERNAL_ASSETS}
+    assert {k for k, a in assets.items() if not a["is_executable"]} == set(EXTERNAL_ASSETS)
+    assert not any("{P}" in (a["description"] or "") for a in assets.values())
+    assert "the Redis list `{shop7}:ingestion`" in assets["ingestion_queue"]["description"]
+    assert "`{shop7}:lookup:products`" in assets["lookup_cache"]["description"]
+    assert assets["staged_orders"]["description"].rstrip().endswith(
+        "Redis keys start with `{shop7}`, the `REDIS_KEY_PREFIX` this code location loaded "
+        "with.")
+    assert {s["name"] for s in found["sensors"]} == {
+        "completion_signal_sensor", "queue_observation_sensor",
+        "default_automation_condition_sensor"}
+    assert found["schedules"] == [] and [j["name"] for j in found["jobs"]] == ["ingest_orders"]
 
 
 def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
@@ -96,15 +161,48 @@ def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
     for view in ("sales_hourly", "product_performance_daily"):
         assert pg.execute(f"SELECT sum(order_count), sum(revenue_usd) FROM {view}").fetchone() \
             == pg.execute("SELECT count(*), sum(total_amount_usd) FROM orders").fetchone()
-    staged_meta = result.asset_materializations_for_node("staged_orders")[0].metadata
-    assert staged_meta["rows_staged"].value == 18_800
-    assert staged_meta["duplicates_dropped"].value == 1_000
-    assert staged_meta["rows_rejected"].value == 200
+    metadata = _materialized(result)
+    staged = metadata["staged_orders"]
+    assert staged["rows_staged"].value == 18_800
+    assert staged["duplicates_dropped"].value == 1_000
+    assert staged["rows_rejected"].value == 200
+    # The row count says what this run staged, although promotion emptied the table since.
+    assert staged["dagster/row_count"].value == 18_800
+    assert metadata["orders_rejected"]["dagster/row_count"].value == 200
+    assert metadata["orders_rejected"]["rejected_rate"].value == 0.01  # 200 of 20,000 claimed
+    assert metadata["promoted_orders"]["dagster/row_count"].value == 18_800
+    for rollup in ("sales_hourly_rollup", "product_daily_rollup"):
+        assert metadata[rollup]["dagster/row_count"].value == pg.execute(
+            f"SELECT count(*) FROM {rollup}").fetchone()[0] > 0
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    books = evaluations["orders_conservation"].metadata
+    assert books["balanced"] == dg.MetadataValue.bool(True)
+    assert books["difference"] == dg.MetadataValue.int(0)
+    assert evaluations["rejects_match_ledger"].metadata["batches_differing"].value == 0
+    _assert_rounded(result)
 
     before = _snapshot(pg)
     again = dg.materialize(ALL_ASSETS, resources=resources, instance=instance)
     assert again.success
     assert _snapshot(pg) == before
+    assert _materialized(again)["staged_orders"]["dagster/row_count"].value == 0
+
+
+def _materialized(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, object]]:
+    """Asset key -> the metadata of its (one) materialization in `result`."""
+    materializations = [e.step_materialization_data.materialization
+                        for e in result.get_asset_materialization_events()]
+    return {m.asset_key.to_user_string(): m.metadata for m in materializations}
+
+
+def _assert_rounded(result: dg.ExecuteInProcessResult) -> None:
+    """Every float the catalog shows has at most four decimals (no 1.1209652920001645)."""
+    shown = [*(m.step_materialization_data.materialization.metadata.items()
+               for m in result.get_asset_materialization_events()),
+             *(e.metadata.items() for e in result.get_asset_check_evaluations())]
+    floats = {name: value.value for items in shown for name, value in items
+              if isinstance(value, dg.FloatMetadataValue)}
+    assert floats and all(round(v, 4) == v for v in floats.values()), floats
 
 
 def test_sensor_one_run_per_signal_and_none_twice(settings: Settings, rconn: redis.Redis,
@@ -172,11 +270,22 @@ def test_warning_checks_flag_rejects_and_deep_queue(settings: Settings, rconn: r
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     rejected = evaluations["rejected_rate_below_threshold"]
     assert not rejected.passed and rejected.severity == dg.AssetCheckSeverity.WARN
-    assert rejected.metadata["rejected_rate"].value == pytest.approx(0.2)
-    assert evaluations["queue_depth_within_limit"].passed
+    assert rejected.asset_key == dg.AssetKey("orders_rejected")
+    assert rejected.metadata["rejected_rate"].value == 0.2
 
+    # The queue's checks, run from the UI's "Execute" on `ingestion_queue`: the same checks
+    # the observation sensor evaluates every minute.
     push_orders(settings, rconn, pg, 50, batch_size=50)
     shallow = resources_for(dataclasses.replace(settings, pipeline=dataclasses.replace(
-        settings.pipeline, max_queue_depth=10)))["redis"]
-    deep = checks.queue_depth_within_limit(redis=shallow)
-    assert not deep.passed and deep.metadata["queue_depth"].value == 50
+        settings.pipeline, max_queue_depth=10)))
+    job = dg.define_asset_job("queue_checks",
+                              selection=dg.AssetSelection.checks(queue.MONITOR.checks))
+    run = dg.Definitions(assets=[queue.INGESTION_QUEUE], asset_checks=[queue.MONITOR.checks],
+                         jobs=[job], resources=shallow).resolve_job_def("queue_checks")
+    queue_result = run.execute_in_process(instance=dg.DagsterInstance.ephemeral())
+    assert queue_result.success
+    on_queue = {e.check_name: e for e in queue_result.get_asset_check_evaluations()}
+    deep = on_queue["queue_depth_within_limit"]
+    assert not deep.passed and deep.severity == dg.AssetCheckSeverity.WARN
+    assert (deep.metadata["queue_depth"].value, deep.metadata["max_queue_depth"].value) == (50, 10)
+    assert on_queue["orders_wait_within_limit"].passed  # pushed a moment ago

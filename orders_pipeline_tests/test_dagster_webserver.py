@@ -1,7 +1,9 @@
 """The real `dagster dev` (webserver + daemon) on a free port, driven through GraphQL.
 
-Lists the five assets and their lineage as the UI does, launches "Materialize all" as the
-UI's button does, then publishes orders through the CLI and waits for the sensor's run.
+Lists the assets and their lineage as the UI does (the external queue and lookup tables
+included), sees the daemon observe the queue and evaluate its checks without any run, launches
+"Materialize all" as the UI's button does, then publishes orders through the CLI and waits for
+the sensor's run.
 """
 
 import subprocess
@@ -13,7 +15,7 @@ import psycopg
 import pytest
 
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.dagit import ASSET_LINEAGE, Dagit
+from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS, Dagit
 from orders_pipeline_tests.helpers import REPO, dagster_env, pipeline_env
 
 
@@ -41,9 +43,33 @@ def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Setti
                           " groupName repository { name location { name } } } }")["assetNodes"]
     lineage = {"/".join(n["assetKey"]["path"]): {"/".join(d["path"]) for d in n["dependencyKeys"]}
                for n in nodes}
-    assert lineage == ASSET_LINEAGE
+    assert lineage == {**ASSET_LINEAGE, **EXTERNAL_ASSETS}
     assert {n["groupName"] for n in nodes} == {"orders_pipeline"}
     location = nodes[0]["repository"]["location"]["name"]
+    instigators = dagit.graphql(
+        """query($r: RepositorySelector!) {
+             sensorsOrError(repositorySelector: $r) {
+               ... on Sensors { results { name sensorState { status } } } }
+             schedulesOrError(repositorySelector: $r) {
+               ... on Schedules { results { name } } } }""",
+        {"r": {"repositoryLocationName": location, "repositoryName": "__repository__"}})
+    sensors = instigators["sensorsOrError"]["results"]
+    assert {s["name"]: s["sensorState"]["status"] for s in sensors} == {
+        "completion_signal_sensor": "RUNNING", "queue_observation_sensor": "RUNNING",
+        "default_automation_condition_sensor": "RUNNING"}
+    assert instigators["schedulesOrError"]["results"] == []
+
+    # Before any run: the daemon observes the queue (2,000 orders wait) and checks it.
+    depth = dagit.wait_observation("ingestion_queue", "queue_depth")
+    assert depth == 2_000
+    executions = dagit.graphql(
+        """{ assetCheckExecutions(assetKey: {path: ["ingestion_queue"]},
+                                  checkName: "orders_wait_within_limit", limit: 1) {
+             runId status evaluation { metadataEntries { label } } } }"""
+    )["assetCheckExecutions"]
+    assert [(e["runId"], e["status"]) for e in executions] == [("", "SUCCEEDED")]  # no run
+    assert {"waited_seconds", "verdict"} <= {
+        m["label"] for m in executions[0]["evaluation"]["metadataEntries"]}
 
     launched = dagit.graphql(
         """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {

@@ -53,9 +53,11 @@ from orders_pipeline_tests.helpers import (
 CLI = [sys.executable, "-m", "orders_pipeline"]
 LEASE_SECONDS = 3
 SIGNAL_ORDERS = "orders_pipeline/signal_orders"
-STAGED = dg.AssetKey("staged_orders")
+# The ingest job's steps: staging (with its rejects), then promotion (with the rollups) and views.
+STAGING = [dg.AssetKey(k) for k in ("staged_orders", "orders_rejected")]
 AFTER_STAGING = [dg.AssetKey(k) for k in
-                 ("promoted_orders", "sales_hourly", "product_performance_daily")]
+                 ("promoted_orders", "sales_hourly_rollup", "product_daily_rollup",
+                  "sales_hourly", "product_performance_daily")]
 # Few by default (each example starts processes and crashes a server); raise it to hunt.
 EXAMPLES = int(os.environ.get("ORDERS_RECOVERY_EXAMPLES", "3"))
 
@@ -296,7 +298,7 @@ def test_postgres_crash_between_staging_and_promotion_recovers_by_itself(
     assert run.tags[SIGNAL_ORDERS] == "5000"
     producer_cursor = loop.cursor
 
-    loop.execute(run, [STAGED])  # the run stages the queue ...
+    loop.execute(run, STAGING)  # the run stages the queue ...
     batches = rconn.zcard(keys.staged)
     assert rconn.llen(keys.ingestion) == 0 and batches > 0
     server.crash()  # ... Postgres dies before its promotion step, which is retried later

@@ -1,4 +1,5 @@
-"""The Dagster UI in a real headless browser: lineage, "Materialize all", a successful run.
+"""The Dagster UI in a real headless browser: lineage, "Materialize all", a successful run,
+the external queue and lookup tables in the lineage, and the queue's observation plots.
 
 Debian's Chromium (`apt-get install chromium`; `.ci/run` installs it) is driven by the
 Python `playwright` package with `executable_path`, so no browser is downloaded. The test
@@ -18,7 +19,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.dagit import ASSET_LINEAGE, Dagit
+from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS, Dagit
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -87,7 +88,7 @@ def test_materialize_all_from_the_lineage_page(dagit: Dagit, dagit_settings: Set
 
     page.goto(f"{dagit.url}/asset-groups")  # the global asset lineage
     expect(page.get_by_text("Global asset lineage")).to_be_visible()
-    for name in ASSET_LINEAGE:
+    for name in [*ASSET_LINEAGE, *EXTERNAL_ASSETS]:
         expect(page.get_by_text(name, exact=True).first).to_be_visible()
 
     page.get_by_role("button", name="Materialize all").click()
@@ -108,8 +109,28 @@ def test_materialize_all_from_the_lineage_page(dagit: Dagit, dagit_settings: Set
     # Back on the lineage page every asset is marked with a successful materialization.
     page.goto(f"{dagit.url}/asset-groups")
     for name in ASSET_LINEAGE:
-        expect(page.get_by_role("button", name=f"run_success {name}")).to_be_visible()
+        marked = re.compile(rf"^run_success {re.escape(name)}( |$)")  # not `{name}_rollup`
+        expect(page.get_by_role("button", name=marked)).to_be_visible()
     page.screenshot(path=screenshots / "asset-lineage.png")
+
+    # The queue, observed by the daemon without any run: its plots and its checks.
+    assert dagit.wait_observation("ingestion_queue", "queue_depth") == 0
+    page.goto(f"{dagit.url}/assets/ingestion_queue?view=overview")
+    expect(page.get_by_text("External Asset", exact=True)).to_be_visible()
+    expect(page.get_by_text(f"the Redis list {dagit_settings.redis.key_prefix}:ingestion",
+                            exact=False)).to_be_visible()
+    page.get_by_role("button", name="Plots").click()  # Metadata: Table | Plots
+    plotted = ("queue_depth", "oldest_queued_wait_seconds", "claimed_batches", "staged_batches",
+               "in_flight_batches", "oldest_staged_wait_seconds", "quarantined_batches")
+    for label in plotted:
+        expect(page.get_by_text(label, exact=True).first).to_be_visible()
+    expect(page.locator("canvas")).to_have_count(len(plotted))
+    page.get_by_role("button", name="Plots").scroll_into_view_if_needed()
+    page.mouse.wheel(0, 300)  # the plots, below the Table | Plots switch
+    page.screenshot(path=screenshots / "queue-plots.png")
+    page.goto(f"{dagit.url}/assets/ingestion_queue?view=checks")
+    expect(page.get_by_text("orders_wait_within_limit").first).to_be_visible()
+    expect(page.get_by_text("queue_depth_within_limit").first).to_be_visible()
 
     # The resource page lists the password as its environment variable, never its value.
     shown = _configured_values(dagit, "postgres")

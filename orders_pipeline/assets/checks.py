@@ -1,14 +1,21 @@
+"""Data checks of the lookup snapshot, staging and its rejects, promotion and the views.
+
+The queue's own checks are in `assets.queue`, evaluated by its observation sensor.
+"""
+
 import dagster as dg
 
+from orders_pipeline.assets.common import rate, seconds
 from orders_pipeline.assets.lookup import lookup_cache
-from orders_pipeline.assets.orders import promoted_orders, staged_orders
+from orders_pipeline.assets.orders import ORDERS_REJECTED, PROMOTED_ORDERS
 from orders_pipeline.assets.views import product_performance_daily, sales_hourly
 from orders_pipeline.conservation import check_conservation
 from orders_pipeline.postgres_patterns.promotion import quarantine_totals, quarantined_batches
 from orders_pipeline.postgres_patterns.views import view_vs_orders
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
-from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.resources import PostgresResource, RedisResource
+
+MONEY_PLACES = 2
 
 
 @dg.asset_check(asset=lookup_cache, description="""
@@ -20,16 +27,16 @@ def lookup_cache_fresh(redis: RedisResource, postgres: PostgresResource) -> dg.A
     with postgres.connection() as conn:
         expected = cache.source_counts(conn)
     cached = {name: int(info.get(f"rows:{name}", -1)) for name in expected}
-    ttl = info.get("ttl_seconds", -2)
+    ttl = int(info.get("ttl_seconds", -2))
     return dg.AssetCheckResult(
         passed=bool(info) and ttl > 0 and cached == expected,
-        metadata={"ttl_seconds_left": ttl, "age_seconds": info.get("age_seconds", -1),
+        metadata={"ttl_seconds_left": ttl, "age_seconds": seconds(info.get("age_seconds", -1)),
                   **{f"cached_{k}": v for k, v in cached.items()},
                   **{f"postgres_{k}": v for k, v in expected.items()}},
     )
 
 
-@dg.asset_check(asset=promoted_orders, blocking=True, description="""
+@dg.asset_check(asset=PROMOTED_ORDERS.key, blocking=True, description="""
 `orders_staging` holds no rows of batches that were already promoted: promotion removed
 exactly what it moved. Blocking: the views are not refreshed if this fails.""")
 def staging_holds_no_promoted_rows(postgres: PostgresResource) -> dg.AssetCheckResult:
@@ -52,8 +59,8 @@ snapshot: the view answers exactly what a full recompute would.""")
         return dg.AssetCheckResult(passed=of_view == of_orders, metadata={
             "view_order_count": of_view.orders, "orders_order_count": of_orders.orders,
             "view_units": of_view.units, "orders_units": of_orders.units,
-            "view_revenue_usd": float(of_view.revenue_usd),
-            "orders_revenue_usd": float(of_orders.revenue_usd),
+            "view_revenue_usd": round(float(of_view.revenue_usd), MONEY_PLACES),
+            "orders_revenue_usd": round(float(of_orders.revenue_usd), MONEY_PLACES),
         })
 
     return check
@@ -64,7 +71,7 @@ product_performance_daily_matches_orders = _view_check(product_performance_daily
                                                        "product_performance_daily")
 
 
-@dg.asset_check(asset=promoted_orders, description="""
+@dg.asset_check(asset=PROMOTED_ORDERS.key, description="""
 Conservation: every order producers pushed (`accepted`, counted in the same MULTI as the
 LPUSH) is in exactly one place: `orders`, a promotion conflict, `orders_rejected`, dropped
 as a duplicate, awaiting promotion in staging, quarantined, queued, or in flight. A
@@ -74,13 +81,14 @@ def orders_conservation(redis: RedisResource,
     with postgres.connection() as conn:
         books = check_conservation(redis.client(), redis.key_space(), conn)
     return dg.AssetCheckResult(passed=books.balanced, metadata={
-        name: int(value) for name, value in books.as_dict().items()})
+        name: dg.MetadataValue.bool(value) if isinstance(value, bool) else int(value)
+        for name, value in books.as_dict().items()})
 
 
 QUARANTINE_LISTED = 100
 
 
-@dg.asset_check(asset=promoted_orders, description=f"""
+@dg.asset_check(asset=PROMOTED_ORDERS.key, description=f"""
 No batch is quarantined. A poison batch (one whose promotion fails for a reason retrying
 cannot fix: a value Postgres cannot store or sum, a violated constraint) is set aside with its
 error and raw payloads so that it never blocks the others; this check fails while any is, and
@@ -104,7 +112,7 @@ def no_quarantined_batches(postgres: PostgresResource) -> dg.AssetCheckResult:
 REJECTED_RATE_WARN = 0.05
 
 
-@dg.asset_check(asset=staged_orders, description=f"""
+@dg.asset_check(asset=ORDERS_REJECTED.key, description=f"""
 Warns when more than {REJECTED_RATE_WARN:.0%} of the orders claimed in the last hour were
 rejected (read from the batch ledger `ingest_batches`): usually a producer sending a new,
 broken format. The rejects themselves are in `orders_rejected` with their reasons.""")
@@ -113,18 +121,34 @@ def rejected_rate_below_threshold(postgres: PostgresResource) -> dg.AssetCheckRe
         claimed, rejected = conn.execute(
             "SELECT coalesce(sum(claimed_rows), 0), coalesce(sum(rejected_rows), 0)"
             " FROM ingest_batches WHERE staged_at > now() - interval '1 hour'").fetchone()
-    rate = rejected / claimed if claimed else 0.0
+    share = rejected / claimed if claimed else 0.0
     return dg.AssetCheckResult(
-        passed=rate <= REJECTED_RATE_WARN, severity=dg.AssetCheckSeverity.WARN,
-        metadata={"rejected_rate": float(rate), "claimed_last_hour": int(claimed),
-                  "rejected_last_hour": int(rejected), "threshold": REJECTED_RATE_WARN})
+        passed=share <= REJECTED_RATE_WARN, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"rejected_rate": rate(float(share)),
+                  "claimed_last_hour": int(claimed), "rejected_last_hour": int(rejected),
+                  "threshold": REJECTED_RATE_WARN})
 
 
-@dg.asset_check(asset=staged_orders, description="""
-Warns while the ingestion queue `{P}:ingestion` is deeper than `MAX_QUEUE_DEPTH`, i.e.
-producers are being held back by backpressure: add workers or look for a stalled run.""")
-def queue_depth_within_limit(redis: RedisResource) -> dg.AssetCheckResult:
-    depth = OrderQueue(redis.client(), redis.key_space()).depth()
-    return dg.AssetCheckResult(
-        passed=depth <= redis.max_queue_depth, severity=dg.AssetCheckSeverity.WARN,
-        metadata={"queue_depth": depth, "max_queue_depth": redis.max_queue_depth})
+MISMATCHES_LISTED = 20
+
+
+@dg.asset_check(asset=ORDERS_REJECTED.key, description=f"""
+Every reject the batch ledger counted is stored, once: for each batch staged in the last day
+(and not lost to a Postgres crash), `orders_rejected` holds as many rows as the ledger's
+`rejected_rows`. Lists up to {MISMATCHES_LISTED} batches that differ.""")
+def rejects_match_ledger(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.connection() as conn:
+        rows = conn.execute("""
+            SELECT b.batch_id, b.rejected_rows, count(r.batch_id)
+            FROM ingest_batches b LEFT JOIN orders_rejected r USING (batch_id)
+            WHERE b.status <> 'lost' AND b.staged_at > now() - interval '1 day'
+            GROUP BY b.batch_id, b.rejected_rows
+            HAVING count(r.batch_id) <> b.rejected_rows
+            ORDER BY b.batch_id""").fetchall()
+    return dg.AssetCheckResult(passed=not rows, metadata={
+        "batches_differing": len(rows),
+        "differences": dg.MetadataValue.json([
+            {"batch_id": batch, "ledger_rejected_rows": counted, "stored_rows": stored}
+            for batch, counted, stored in rows[:MISMATCHES_LISTED]]),
+    })
+

@@ -1,81 +1,62 @@
-"""The lookup snapshot asset, and the retry rules every asset of the pipeline shares."""
+"""The lookup area: the Postgres lookup tables (external) and their snapshot in Redis."""
 
-import functools
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from datetime import timedelta
 
 import dagster as dg
-import psycopg
-import pydantic
-from redis.exceptions import AuthenticationError, NoPermissionError
 
 from orders_pipeline.assets import GROUP, OWNERS
-from orders_pipeline.postgres_patterns.schema import SchemaMissing, require_schema
+from orders_pipeline.assets.catalog import REDIS_KEY
+from orders_pipeline.assets.common import RETRY, retried_only_if_transient, seconds
+from orders_pipeline.assets.tables import CURRENCIES_SCHEMA, PRODUCTS_SCHEMA, ZIP_CODES_SCHEMA
+from orders_pipeline.postgres_patterns.schema import require_schema
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCacheMissing
 from orders_pipeline.resources import PostgresResource, RedisResource, pipeline_settings
-from orders_pipeline.settings import ConfigError
-
-# Transient errors (a server restarting, a dropped connection, a pool timeout) are retried in
-# the same run, 2, 4, 8 and 16 s apart. Run retries (dagster.yaml `run_retries`) re-run only
-# runs whose worker crashed, never a step that failed: this policy is the one retry of those.
-RETRY = dg.RetryPolicy(max_retries=4, delay=2, backoff=dg.Backoff.EXPONENTIAL)
-
-# Errors that come out the same on every attempt: configuration, schema or seed data missing,
-# credentials or grants refused, a value Postgres cannot store.
-PERMANENT_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, pydantic.ValidationError, SchemaMissing, LookupCacheMissing,
-    psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn,
-    psycopg.errors.UndefinedFunction, psycopg.errors.InsufficientPrivilege, psycopg.DataError,
-    AuthenticationError, NoPermissionError,
-)
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
-def permanent_failure(asset: str, reason: str, **metadata: int | str | bool) -> dg.Failure:
-    """A `dg.Failure` that neither the asset's RetryPolicy nor run retries will retry.
+def _lookup_table(name: str, schema: dg.TableSchema, what: str) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        name, group_name=GROUP, owners=OWNERS, kinds={"postgres"},
+        description=f"""
+**Lookup table `{name}`** in Postgres ({what}), kept by the systems upstream of this
+pipeline (`orders-pipeline init-db` seeds it). External: Dagster reads it, never writes it;
+`lookup_cache` snapshots it into Redis.
+""",
+        metadata={"dagster/table_name": name, "dagster/column_schema": schema})
 
-    `reason` is folded onto one line; the description says it is not retried and why.
-    """
-    return dg.Failure(
-        description=(f"{asset}: {' '.join(reason.split())}. Not retried: retrying cannot fix "
-                     f"this; correct the configuration or setup, then materialize again."),
-        metadata={"retryable": False, **metadata},
-        allow_retries=False)
 
-
-def retried_only_if_transient(body: Callable[P, R]) -> Callable[P, R]:
-    """Decorate an asset body (under `@dg.asset`): PERMANENT_ERRORS become `permanent_failure`.
-
-    Anything else propagates unchanged, so RETRY still retries transient errors.
-    """
-    @functools.wraps(body)
-    def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return body(*args, **kwargs)
-        except PERMANENT_ERRORS as exc:
-            raise permanent_failure(body.__name__, f"{type(exc).__name__}: {exc}",
-                                    error_type=type(exc).__name__) from exc
-    return run
+LOOKUP_TABLE_SPECS = [
+    _lookup_table("products", PRODUCTS_SCHEMA, "id, name, category, base price"),
+    _lookup_table("currencies", CURRENCIES_SCHEMA, "ISO 4217 code, USD value of one unit"),
+    _lookup_table("zip_codes", ZIP_CODES_SCHEMA, "city, state, region, shipping zone"),
+]
+DAILY_AT_3 = "0 3 * * *"
 
 
 @dg.asset(
     group_name=GROUP,
     owners=OWNERS,
     kinds={"redis", "postgres"},
+    deps=LOOKUP_TABLE_SPECS,
     retry_policy=RETRY,
+    # Reloaded every day at 03:00 UTC whether or not the tables changed (they are never
+    # observed: the reload itself is cheap); the snapshot's TTL outlives one missed reload.
+    automation_condition=dg.AutomationCondition.on_cron(DAILY_AT_3).ignore(
+        dg.AssetSelection.assets(*(table.key for table in LOOKUP_TABLE_SPECS))),
+    freshness_policy=dg.FreshnessPolicy.time_window(warn_window=timedelta(hours=25),
+                                                    fail_window=timedelta(hours=49)),
     description="""
 **Lookup snapshot in Redis**: `products`, `currencies` and `zip_codes` copied from Postgres
 into the hashes `{P}:lookup:products`, `{P}:lookup:currencies`, `{P}:lookup:zip_codes`
 (plus `{P}:lookup:meta`), each with a TTL of `LOOKUP_TTL_SECONDS`.
 
 Workers enrich every batch from this snapshot in one round trip, never joining Postgres.
-A new snapshot is written aside and swapped in atomically. Kept fresh by the daily
-`lookup_cache_daily` schedule; workers reload it themselves if it ever expires. A lookup
-table that is empty in Postgres fails it without retries (every order would be rejected).
+A new snapshot is written aside and swapped in atomically. Reloaded every day at 03:00 UTC by
+its automation condition (`default_automation_condition_sensor` runs it); workers reload it
+themselves if it ever expires. Freshness warns after 25 hours (a missed reload) and fails
+after 49. A lookup table that is empty in Postgres fails it without retries (every order
+would be rejected).
 """,
-    metadata={"dagster/table_name": "redis: {P}:lookup:*"},
+    metadata={"dagster/table_name": "redis: {P}:lookup:*", REDIS_KEY: "{P}:lookup:*"},
 )
 @retried_only_if_transient
 def lookup_cache(context: dg.AssetExecutionContext, redis: RedisResource,
@@ -96,7 +77,7 @@ def lookup_cache(context: dg.AssetExecutionContext, redis: RedisResource,
         "currencies": info.rows["currencies"],
         "zip_codes": info.rows["zip_codes"],
         "ttl_seconds": ttl_seconds,
-        "seconds": info.seconds,
+        "seconds": seconds(info.seconds),
         "redis_keys": dg.MetadataValue.text(", ".join(
             redis.key_space().lookup(t) for t in info.rows)),
     })

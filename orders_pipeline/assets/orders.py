@@ -1,4 +1,7 @@
+"""The orders area: staging (with its rejects) and promotion (with the view rollups)."""
+
 import time
+from datetime import timedelta
 from typing import Any
 
 import dagster as dg
@@ -8,13 +11,23 @@ from pydantic_core import ErrorDetails
 
 from orders_pipeline import pipeline
 from orders_pipeline.assets import GROUP, OWNERS
-from orders_pipeline.assets.lookup import (
+from orders_pipeline.assets.common import (
     RETRY,
-    lookup_cache,
+    per_second,
     permanent_failure,
+    rate,
     retried_only_if_transient,
+    seconds,
 )
-from orders_pipeline.assets.tables import ORDERS_SCHEMA, STAGING_SCHEMA
+from orders_pipeline.assets.lookup import lookup_cache
+from orders_pipeline.assets.queue import INGESTION_QUEUE
+from orders_pipeline.assets.tables import (
+    ORDERS_SCHEMA,
+    PRODUCT_DAILY_SCHEMA,
+    REJECTED_SCHEMA,
+    SALES_HOURLY_SCHEMA,
+    STAGING_SCHEMA,
+)
 from orders_pipeline.postgres_patterns.schema import require_schema
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCacheMissing
 from orders_pipeline.redis_patterns.queue import OrderQueue
@@ -76,13 +89,18 @@ def table_rows(postgres: PostgresResource, table: str) -> int:
         return int(row.fetchone()[0])
 
 
-@dg.asset(
+# Promotion runs for every burst of completion signals; an hour without one is worth a look
+# (little traffic, or the queue stalled: `orders_wait_within_limit` tells which), a day is not
+# fresh. The views are refreshed with every promotion, so they share the policy.
+INGEST_FRESHNESS = dg.FreshnessPolicy.time_window(warn_window=timedelta(hours=1),
+                                                  fail_window=timedelta(hours=24))
+
+STAGED_ORDERS = dg.AssetSpec(
+    "staged_orders",
     group_name=GROUP,
     owners=OWNERS,
     kinds={"redis", "polars", "postgres"},
-    deps=[lookup_cache],
-    retry_policy=RETRY,
-    pool="orders_staging",
+    deps=[INGESTION_QUEUE, lookup_cache],
     description="""
 **Orders staged in Postgres**: the Redis list `{P}:ingestion` drained into the UNLOGGED
 table `orders_staging` by N worker processes.
@@ -91,13 +109,39 @@ Each worker claims whole batches under a lease, parses and validates them with P
 enriches them from the `lookup_cache` snapshot, drops duplicates seen within
 `DEDUP_WINDOW_SECONDS`, and COPYs the rest into staging; bad payloads go to
 `orders_rejected` with a reason. A batch stays in Redis until promotion. Materialized by the
-`completion_signal_sensor` for every completion signal, or by hand.
+`completion_signal_sensor` for every completion signal, or by hand. Its row count is the
+number of rows this run staged: promotion empties the table again.
 """,
     metadata={"dagster/table_name": "orders_staging", "dagster/column_schema": STAGING_SCHEMA},
 )
+ORDERS_REJECTED = dg.AssetSpec(
+    "orders_rejected",
+    group_name=GROUP,
+    owners=OWNERS,
+    kinds={"postgres"},
+    deps=[INGESTION_QUEUE, lookup_cache],
+    description="""
+**Rejected orders**: every payload the order contract refused (bad JSON, a missing or
+mistyped field, an unknown product, currency or zip code, a value out of range), one row each
+in the table `orders_rejected` with the raw payload exactly as received and the reason.
+Written by the same step as `staged_orders`, in the same transaction as the batch's staged
+rows. Rejects are never retried by the pipeline: fix the producer and send them again.
+""",
+    metadata={"dagster/table_name": "orders_rejected",
+              "dagster/column_schema": REJECTED_SCHEMA},
+)
+
+
+@dg.multi_asset(
+    name="staged_orders",
+    specs=[STAGED_ORDERS, ORDERS_REJECTED],
+    retry_policy=RETRY,
+    pool="orders_staging",
+)
 @retried_only_if_transient
 def staged_orders(context: dg.AssetExecutionContext, config: StagingConfig,
-                  redis: RedisResource, postgres: PostgresResource) -> dg.MaterializeResult:
+                  redis: RedisResource, postgres: PostgresResource
+                  ) -> tuple[dg.MaterializeResult, dg.MaterializeResult]:
     settings = pipeline_settings(redis, postgres, batch_size=config.batch_size,
                                  worker_count=config.workers)
     workers, batch_size = settings.pipeline.worker_count, settings.pipeline.batch_size
@@ -125,51 +169,85 @@ def staged_orders(context: dg.AssetExecutionContext, config: StagingConfig,
             "staged_orders", f"claimed nothing while {depth_after} orders wait (workers={workers}, "
             f"batch_size={batch_size}, max_batches_per_worker={config.max_batches_per_worker})",
             queue_depth=depth_after)
-    claimed = stats.claimed or 1
-    return dg.MaterializeResult(metadata={
-        "rows_claimed": stats.claimed,
-        "rows_staged": stats.staged,
-        "duplicates_dropped": stats.duplicates,
-        "rows_rejected": stats.rejected,
-        "rejected_rate": stats.rejected / claimed,
-        "batches": stats.batches,
-        "batches_reclaimed": stats.reclaimed_batches,
-        "workers": workers,
-        "seconds": stats.seconds,
-        "rows_per_second": stats.rows_per_second,
-        "queue_depth_before": depth_before,
-        "queue_depth_after": depth_after,
-        "dagster/row_count": table_rows(postgres, "orders_staging"),
-    })
+    rejected_rate = rate(stats.rejected / stats.claimed if stats.claimed else 0.0)
+    return (
+        dg.MaterializeResult(asset_key=STAGED_ORDERS.key, metadata={
+            "dagster/row_count": stats.staged,
+            "rows_claimed": stats.claimed,
+            "rows_staged": stats.staged,
+            "duplicates_dropped": stats.duplicates,
+            "rows_rejected": stats.rejected,
+            "rejected_rate": rejected_rate,
+            "batches": stats.batches,
+            "batches_reclaimed": stats.reclaimed_batches,
+            "workers": workers,
+            "seconds": seconds(stats.seconds),
+            "rows_per_second": per_second(stats.claimed, stats.seconds),
+            "queue_depth_before": depth_before,
+            "queue_depth_after": depth_after,
+        }),
+        dg.MaterializeResult(asset_key=ORDERS_REJECTED.key, metadata={
+            "dagster/row_count": table_rows(postgres, "orders_rejected"),
+            "rows_rejected": stats.rejected,
+            "rejected_rate": rejected_rate,
+        }),
+    )
 
 
-@dg.asset(
+def _rollup(name: str, view: str, schema: dg.TableSchema, grain: str) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        name, group_name=GROUP, owners=OWNERS, kinds={"postgres"},
+        deps=[STAGED_ORDERS],
+        description=f"""
+**Rollup of `orders` by {grain}**: the table `{name}` that promotion adds every inserted
+order to, in the same transaction as the insert, so it is never behind `orders`. The
+materialized view `{view}` reads it; refreshing the view costs time in proportion to the
+rollup, not to `orders`.
+""",
+        metadata={"dagster/table_name": name, "dagster/column_schema": schema})
+
+
+PROMOTED_ORDERS = dg.AssetSpec(
+    "promoted_orders",
     group_name=GROUP,
     owners=OWNERS,
     kinds={"postgres", "redis"},
-    deps=[staged_orders],
-    retry_policy=RETRY,
+    deps=[STAGED_ORDERS],
+    freshness_policy=INGEST_FRESHNESS,
     description="""
 **Orders**: `orders_staging` validated and promoted into the table `orders` (primary key
 `order_id`, indexed by `order_timestamp`).
 
 Whole batches move in one transaction under an advisory lock, with
-`ON CONFLICT (order_id) DO NOTHING`, deleting exactly the staging rows they took; then the
-batches are released from Redis. Batches whose staged rows a Postgres crash erased are sent
-back to the queue. A poison batch (its promotion fails for a reason retrying cannot fix) is
-quarantined with its error and raw payloads, and the others are promoted: see the check
-`no_quarantined_batches` and `orders-pipeline readmit`. Re-running it changes nothing already
-done.
+`ON CONFLICT (order_id) DO NOTHING`, deleting exactly the staging rows they took and adding
+the inserted orders to the rollups; then the batches are released from Redis. Batches whose
+staged rows a Postgres crash erased are sent back to the queue. A poison batch (its promotion
+fails for a reason retrying cannot fix) is quarantined with its error and raw payloads, and
+the others are promoted: see the check `no_quarantined_batches` and `orders-pipeline
+readmit`. Re-running it changes nothing already done. Freshness warns after an hour without a
+promotion and fails after a day.
 """,
     metadata={"dagster/table_name": "orders", "dagster/column_schema": ORDERS_SCHEMA},
 )
+SALES_HOURLY_ROLLUP = _rollup("sales_hourly_rollup", "sales_hourly", SALES_HOURLY_SCHEMA,
+                              "hour and category")
+PRODUCT_DAILY_ROLLUP = _rollup("product_daily_rollup", "product_performance_daily",
+                               PRODUCT_DAILY_SCHEMA, "day and product")
+
+
+@dg.multi_asset(
+    name="promoted_orders",
+    specs=[PROMOTED_ORDERS, SALES_HOURLY_ROLLUP, PRODUCT_DAILY_ROLLUP],
+    retry_policy=RETRY,
+)
 @retried_only_if_transient
 def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
-                    postgres: PostgresResource) -> dg.MaterializeResult:
+                    postgres: PostgresResource
+                    ) -> tuple[dg.MaterializeResult, dg.MaterializeResult, dg.MaterializeResult]:
     settings = pipeline_settings(redis, postgres)
     started = time.perf_counter()
     result = pipeline.promote_staged(settings)
-    seconds = time.perf_counter() - started
+    elapsed = time.perf_counter() - started
     context.log.info(
         f"promoted {len(result.promoted_batches)} batches: {result.inserted_rows} rows inserted, "
         f"{result.conflicts} already present, {len(result.lost_batches)} lost batches requeued, "
@@ -179,16 +257,25 @@ def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
             f"batch {batch.batch_id} quarantined with {batch.orders} orders "
             f"({batch.payloads} raw payloads kept): {batch.error}; fix the cause, then run "
             f"`orders-pipeline readmit {batch.batch_id}`")
-    return dg.MaterializeResult(metadata={
-        "rows_promoted": result.inserted_rows,
-        "rows_staged_in": result.staged_rows,
-        "conflicts": result.conflicts,
-        "batches_promoted": len(result.promoted_batches),
-        "batches_requeued": len(result.lost_batches),
-        "batches_quarantined": len(result.quarantined),
-        "rows_quarantined": sum(batch.orders for batch in result.quarantined),
-        "seconds": seconds,
-        "rows_per_second": result.inserted_rows / seconds if seconds else 0.0,
-        "queue_depth_after": OrderQueue(redis.client(), redis.key_space()).depth(),
-        "dagster/row_count": table_rows(postgres, "orders"),
-    })
+    return (
+        dg.MaterializeResult(asset_key=PROMOTED_ORDERS.key, metadata={
+            "dagster/row_count": table_rows(postgres, "orders"),
+            "rows_promoted": result.inserted_rows,
+            "rows_staged_in": result.staged_rows,
+            "conflicts": result.conflicts,
+            "batches_promoted": len(result.promoted_batches),
+            "batches_requeued": len(result.lost_batches),
+            "batches_quarantined": len(result.quarantined),
+            "rows_quarantined": sum(batch.orders for batch in result.quarantined),
+            "seconds": seconds(elapsed),
+            "rows_per_second": per_second(result.inserted_rows, elapsed),
+            "queue_depth_after": OrderQueue(redis.client(), redis.key_space()).depth(),
+        }),
+        _rollup_rows(postgres, SALES_HOURLY_ROLLUP),
+        _rollup_rows(postgres, PRODUCT_DAILY_ROLLUP),
+    )
+
+
+def _rollup_rows(postgres: PostgresResource, rollup: dg.AssetSpec) -> dg.MaterializeResult:
+    return dg.MaterializeResult(asset_key=rollup.key, metadata={
+        "dagster/row_count": table_rows(postgres, rollup.key.to_user_string())})

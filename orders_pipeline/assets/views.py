@@ -1,32 +1,46 @@
+"""The views area: the dashboard views, refreshed whenever promotion changed their rollups."""
+
 import dagster as dg
 
 from orders_pipeline.assets import GROUP, OWNERS
-from orders_pipeline.assets.lookup import RETRY, retried_only_if_transient
-from orders_pipeline.assets.orders import promoted_orders, table_rows
+from orders_pipeline.assets.common import RETRY, retried_only_if_transient, seconds
+from orders_pipeline.assets.orders import (
+    INGEST_FRESHNESS,
+    PRODUCT_DAILY_ROLLUP,
+    PROMOTED_ORDERS,
+    SALES_HOURLY_ROLLUP,
+    table_rows,
+)
 from orders_pipeline.assets.tables import PRODUCT_DAILY_SCHEMA, SALES_HOURLY_SCHEMA
 from orders_pipeline.postgres_patterns.views import refresh_view
 from orders_pipeline.resources import PostgresResource
 
 _FRESHNESS = """Promotion adds every inserted order to the rollup table behind it in the same
 transaction, so a refresh costs time in proportion to the rollup, not to `orders`. Refreshed
-by every ingest run and hourly by the `views_hourly` schedule."""
+by every ingest run, and (automation condition `eager`) after any other run that promoted.
+Freshness warns after an hour without a refresh and fails after a day, as `promoted_orders`."""
+# Refreshed after any update of their upstream that did not refresh them in the same run.
+_REFRESHED = dg.AutomationCondition.eager()
 
 
 def _refresh(context: dg.AssetExecutionContext, postgres: PostgresResource,
              view: str) -> dg.MaterializeResult:
     with postgres.connection() as conn:
-        seconds = refresh_view(conn, view)
+        elapsed = refresh_view(conn, view)
     rows = table_rows(postgres, view)
-    context.log.info(f"refreshed {view} concurrently in {seconds:.2f}s ({rows} rows)")
-    return dg.MaterializeResult(metadata={"dagster/row_count": rows, "refresh_seconds": seconds})
+    context.log.info(f"refreshed {view} concurrently in {elapsed:.2f}s ({rows} rows)")
+    return dg.MaterializeResult(metadata={"dagster/row_count": rows,
+                                          "refresh_seconds": seconds(elapsed)})
 
 
 @dg.asset(
     group_name=GROUP,
     owners=OWNERS,
     kinds={"postgres"},
-    deps=[promoted_orders],
+    deps=[PROMOTED_ORDERS, SALES_HOURLY_ROLLUP],
     retry_policy=RETRY,
+    automation_condition=_REFRESHED,
+    freshness_policy=INGEST_FRESHNESS,
     description=f"""
 **Hourly sales by category**: the materialized view `sales_hourly`
 (hour in UTC, category, order_count, units_sold, revenue_usd) of the orders in `orders`,
@@ -48,8 +62,10 @@ def sales_hourly(context: dg.AssetExecutionContext,
     group_name=GROUP,
     owners=OWNERS,
     kinds={"postgres"},
-    deps=[promoted_orders],
+    deps=[PROMOTED_ORDERS, PRODUCT_DAILY_ROLLUP],
     retry_policy=RETRY,
+    automation_condition=_REFRESHED,
+    freshness_policy=INGEST_FRESHNESS,
     description=f"""
 **Daily performance per product**: the materialized view `product_performance_daily`
 (day in UTC, product_id, order_count, units_sold, revenue_usd) of the orders in `orders`,

@@ -41,6 +41,17 @@ class RedisKeys:
         return f"{self.prefix}:ingestion"
 
     @property
+    def dequeued(self) -> str:
+        """Counter of the orders ever claimed from `ingestion` (the claim script adds to it)."""
+        return f"{self.prefix}:ingestion:dequeued"
+
+    @property
+    def queue_marks(self) -> str:
+        """Sorted set dating the queue: when (member, ms by the Redis clock) how many orders had
+        entered `ingestion` since it began (score); see `OrderQueue.gauges`."""
+        return f"{self.prefix}:ingestion:marks"
+
+    @property
     def inflight(self) -> str:
         """Sorted set: claimed batch id -> lease deadline (ms, Redis clock)."""
         return f"{self.prefix}:inflight"

@@ -6,6 +6,17 @@ Redis only after its rows are in `orders` (see `release`): a worker that dies at
 leaves the batch in flight, and once its lease expires exactly one other worker reclaims it.
 A batch that promotion hands back (`requeue`) comes with a completion signal of its own, so
 a run comes to stage it again without waiting for new traffic.
+
+How long the oldest queued order has waited is read without touching the orders (their
+payloads are the producers' JSON and carry no queue time): the list is FIFO, so the n-th order
+that ever entered it is the n-th claimed. `{P}:ingestion:dequeued` counts the claimed ones
+(`_CLAIM`), and `{P}:ingestion:marks` dates the list: each mark says how many orders had
+entered it by a moment of the Redis clock. `push_batch` marks every push exactly; orders that
+other producers LPUSH themselves are dated by the next `gauges` reading (which marks what it
+sees), so to within one reading. The oldest queued order entered no later than the first
+mark above `dequeued`. `orders-pipeline clear --queue` removes the counter and the marks with
+the list; a list deleted by hand loses its marks at the next push or reading, unless plain
+LPUSHes have refilled it past its old length by then (those orders then read as older).
 """
 
 import uuid
@@ -17,10 +28,13 @@ import redis
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.signals import CompletionSignals
 
-# KEYS: ingestion, inflight, owners, batch   ARGV: count, lease_ms, batch_id, owner
+# KEYS: ingestion, inflight, owners, batch, dequeued, marks
+# ARGV: count, lease_ms, batch_id, owner
 _CLAIM = """
 local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if not items then return {} end
+local dequeued = redis.call('INCRBY', KEYS[5], #items)
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', dequeued)
 for i = 1, #items, 1000 do
   redis.call('RPUSH', KEYS[4], unpack(items, i, math.min(i + 999, #items)))
 end
@@ -29,6 +43,26 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
 return items
+"""
+
+# KEYS: ingestion, dequeued, marks   ARGV: orders just pushed (0: a reading)
+# -> {queued, now_ms, ms of the first mark above dequeued or -1 when nothing is queued}
+# Marks above what had entered the list before these orders date orders that left it without
+# a claim (`clear --queue`): dropped. A mark is added when orders entered that no mark covers.
+_DATE_QUEUE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local queued = redis.call('LLEN', KEYS[1])
+local dequeued = tonumber(redis.call('GET', KEYS[2]) or '0')
+local entered = dequeued + queued
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '(' .. (entered - tonumber(ARGV[1])), '+inf')
+local top = redis.call('ZRANGE', KEYS[3], 0, 0, 'REV', 'WITHSCORES')
+if queued > 0 and (#top == 0 or tonumber(top[2]) < entered) then
+  redis.call('ZADD', KEYS[3], entered, string.format('%015d', now))
+end
+if queued == 0 then return {0, now, -1} end
+local first = redis.call('ZRANGE', KEYS[3], '(' .. dequeued, '+inf', 'BYSCORE', 'LIMIT', 0, 1)
+return {queued, now, tonumber(first[1])}
 """
 
 # KEYS: inflight, owners   ARGV: lease_ms, owner   -> batch id whose lease expired, or nil
@@ -76,6 +110,29 @@ return #ARGV
 
 
 @dataclass(frozen=True)
+class QueueGauges:
+    """One reading of the queue, taken in one MULTI and timed by the Redis clock.
+
+    `oldest_queued_wait_seconds`: how long the oldest queued order has waited (0.0 with none
+    queued; for orders a producer pushed with a plain LPUSH, at least this long). Batches are
+    claimed (a worker stages them under a lease), staged (their rows await promotion) or
+    quarantined (set aside by promotion); `oldest_staged_wait_seconds` is the age of the
+    oldest staged batch (0.0 with none).
+    """
+    queue_depth: int
+    oldest_queued_wait_seconds: float
+    claimed_batches: int
+    staged_batches: int
+    oldest_staged_wait_seconds: float
+    quarantined_batches: int
+
+    @property
+    def in_flight_batches(self) -> int:
+        """Batches taken from the queue and not released yet: claimed plus staged."""
+        return self.claimed_batches + self.staged_batches
+
+
+@dataclass(frozen=True)
 class ClaimedBatch:
     batch_id: str
     owner: str
@@ -92,6 +149,7 @@ class OrderQueue:
         self.lease_ms = lease_seconds * 1000
         self.signals = CompletionSignals(client, keys)
         self._claim = client.register_script(_CLAIM)
+        self._date_queue = client.register_script(_DATE_QUEUE)
         self._reclaim = client.register_script(_RECLAIM)
         self._mark_staged = client.register_script(_MARK_STAGED)
         self._quarantine = client.register_script(_QUARANTINE)
@@ -108,15 +166,43 @@ class OrderQueue:
         pipe.lpush(self.keys.ingestion, *payloads)
         pipe.hincrby(self.keys.counters, "accepted", len(payloads))
         self.signals.record(pipe, batch_id, len(payloads))
+        self._date_queue(keys=self._dating_keys, args=[len(payloads)], client=pipe)
         pipe.execute()
         return batch_id
+
+    @property
+    def _dating_keys(self) -> list[str]:
+        return [self.keys.ingestion, self.keys.dequeued, self.keys.queue_marks]
+
+    def gauges(self) -> QueueGauges:
+        """How deep the queue is, how long its oldest order has waited, and its batches.
+
+        One MULTI, so every number belongs to the same instant. Dates orders that no push
+        dated (see the module's docstring), so it writes one small mark now and then.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        self._date_queue(keys=self._dating_keys, args=[0], client=pipe)
+        pipe.zcard(self.keys.inflight)
+        pipe.zcard(self.keys.staged)
+        pipe.zrange(self.keys.staged, 0, 0, withscores=True)
+        pipe.scard(self.keys.quarantined)
+        (queued, now_ms, entered_ms), claimed, staged, oldest_staged, quarantined = pipe.execute()
+        return QueueGauges(
+            queue_depth=int(queued),
+            oldest_queued_wait_seconds=max(0, now_ms - entered_ms) / 1000 if queued else 0.0,
+            claimed_batches=int(claimed),
+            staged_batches=int(staged),
+            oldest_staged_wait_seconds=(max(0.0, now_ms - oldest_staged[0][1]) / 1000
+                                        if oldest_staged else 0.0),
+            quarantined_batches=int(quarantined),
+        )
 
     def claim_batch(self, max_items: int, owner: str) -> ClaimedBatch | None:
         """Atomically move up to `max_items` orders into a new leased batch."""
         batch_id = uuid.uuid4().hex
         items = self._claim(
             keys=[self.keys.ingestion, self.keys.inflight, self.keys.owners,
-                  self.keys.batch(batch_id)],
+                  self.keys.batch(batch_id), self.keys.dequeued, self.keys.queue_marks],
             args=[max_items, self.lease_ms, batch_id, owner],
         )
         if not items:

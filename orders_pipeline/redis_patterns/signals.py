@@ -304,6 +304,20 @@ class CompletionSignals:
         return SignalPage(signals, skipped, first_id, last_id,
                           cursor=last_id or start, cursor_reset=reset)
 
+    def latest_id(self) -> str:
+        """Id of the newest stream entry (RESET_CURSOR when there is none): a mark for
+        `wait_after`."""
+        newest = self.client.xrevrange(self.keys.signals_stream, count=1)
+        return newest[0][0].decode() if newest else RESET_CURSOR
+
+    def wait_after(self, stream_id: str, timeout_seconds: float) -> bool:
+        """Block until the stream holds an entry after `stream_id`, at most `timeout_seconds`
+        (rounded up to whole ms); True if one arrived. For workers waiting for work, never
+        for sensors (a tick must not block)."""
+        block_ms = max(1, int(timeout_seconds * 1000 + 0.999))
+        return bool(self.client.xread({self.keys.signals_stream: stream_id}, count=1,
+                                      block=block_ms))
+
     def bridge_published(self, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Subscribe to `{P}:ingested` and record the signals that were only published.
 

@@ -6,11 +6,14 @@ stage's job with the least code that does it well (and, where the issue names on
 way), in one process and one at a time, on scratch keys and tables inside the benchmark's own
 key prefix and database, which it removes again. Rates are rows/s, the median of `repeats`.
 
-`pipeline_alone` runs the real pipeline code on the same rows under the same conditions
+`pipeline_alone` runs the product's own code on the same rows under the same conditions
 (one process, one stage at a time, in a scratch database), so that the ratio of a stage to
 its limit measures the code, not the CPU it shared with other stages in the overlapped run.
+The worker's steps are timed here, by calling the functions a worker calls one step at a
+time: the product reports whole batches only.
 """
 
+import contextlib
 import io
 import json
 import random
@@ -25,18 +28,25 @@ import psycopg
 import redis
 from psycopg import sql
 
+from benchmarks.scratch import delete_keys, drop_database
 from orders_pipeline import generator, pipeline, transform
-from orders_pipeline.connections import close_all, pg_connect, redis_client
+from orders_pipeline.connections import pg_connect, pg_pool, redis_client
 from orders_pipeline.postgres_patterns.promotion import ORDER_COLUMNS
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
-from orders_pipeline.postgres_patterns.staging import STAGING_COLUMNS, rows_to_csv
+from orders_pipeline.postgres_patterns.staging import (
+    STAGING_COLUMNS,
+    StagingBatch,
+    rows_to_csv,
+    stage_batch,
+)
 from orders_pipeline.postgres_patterns.views import ROLLUPS, refresh_views
 from orders_pipeline.redis_patterns.backpressure import Backpressure
+from orders_pipeline.redis_patterns.dedup import DedupWindow
 from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_matching
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.redis_patterns.order_window import OrderRateWindow
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
-from orders_pipeline.worker import StagingWorker
 
 LARGE_COPY_ROWS = 100_000
 NAIVE_INSERT_ROWS = 20_000
@@ -423,8 +433,70 @@ _RESET = ", ".join(("orders", "orders_staging", "orders_rejected", "ingest_batch
                     "promotions", *ROLLUPS))
 
 
+WORKER_STEPS = ("claim", "parse", "transform", "dedup", "copy", "hand_over")
+
+
+@contextlib.contextmanager
+def _clock(seconds: dict[str, float], step: str) -> Iterator[None]:
+    """Add the seconds the block takes to `seconds[step]`."""
+    started = time.perf_counter()
+    yield
+    seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - started
+
+
+def _worker_steps(settings: Settings, prefix: str, sample: Sample,
+                  batch_size: int) -> dict[str, float]:
+    """Seconds of each step of a staging worker, over the sample, each step timed alone.
+
+    The sample is pushed (untimed) under key prefix `prefix`, then claimed batch by batch and
+    taken through the calls `StagingWorker.process` makes, in its order: claim, parse,
+    validate and enrich ("transform", with the lookup fetch from the snapshot of `settings`),
+    dedup marks, the rejects ("transform"), the staging COPY, the hand-over. No retries and
+    no fault points; the staged rows stay in staging (the caller empties it).
+    """
+    client = redis_client(settings.redis)
+    keys = RedisKeys(prefix)
+    tuning = settings.pipeline
+    queue = OrderQueue(client, keys, tuning.claim_timeout_seconds)
+    dedup = DedupWindow(client, keys, tuning.dedup_window_seconds)
+    window = OrderRateWindow(client, keys)
+    cache = LookupCache(client, RedisKeys(settings.redis.key_prefix), tuning.lookup_ttl_seconds)
+    generator.push_payloads(queue, Backpressure(client, keys, 10**12),
+                            [p for batch in sample.payloads for p in batch], batch_size)
+    seconds = dict.fromkeys(WORKER_STEPS, 0.0)
+    while True:
+        with _clock(seconds, "claim"):
+            batch = queue.claim_batch(batch_size, "raw-limits")
+        if batch is None:
+            return seconds
+        with _clock(seconds, "parse"):
+            parsed = transform.parse_payloads(batch.payloads)
+        with _clock(seconds, "transform"):
+            valid, invalid = transform.validate_values(parsed.rows)
+            enriched, unknown = transform.enrich(
+                valid, cache.fetch(transform.lookup_ids(valid)))
+        with _clock(seconds, "dedup"):
+            tokens = [f"{batch.batch_id}:{p}" for p in enriched["batch_position"].to_list()]
+            keep = dedup.check_and_mark(enriched["order_id"].to_list(), tokens)
+        with _clock(seconds, "transform"):
+            staged = enriched.filter(pl.Series(keep, dtype=pl.Boolean)) if keep else enriched
+            rejects = pl.concat([parsed.rejects, transform.rejects_from(
+                pl.concat([invalid, unknown]), batch.payloads)])
+        with _clock(seconds, "copy"), pg_pool(settings.postgres).connection() as conn:
+            stage_batch(conn, StagingBatch(batch.batch_id, len(batch.payloads), staged,
+                                           rejects, enriched.height - staged.height))
+        with _clock(seconds, "hand_over"):
+            queue.mark_staged(batch)
+            window.add_counts(batch.batch_id, transform.orders_per_minute(staged))
+
+
 def _pipeline_once(settings: Settings, sample: Sample, batch_size: int) -> dict[str, float]:
-    """Push, stage (one worker, in this process), promote, refresh: seconds of each."""
+    """Seconds of each stage of the product on the sample, one stage at a time.
+
+    Push (`generator.push_payloads`), stage (`pipeline.stage_queue` with one worker in this
+    process: the seconds its batch reports add up to), promote, refresh; then the worker's
+    steps one by one (`_worker_steps`, on a second copy of the sample under a sub-prefix).
+    """
     client = redis_client(settings.redis)
     keys = RedisKeys(settings.redis.key_prefix)
     queue = OrderQueue(client, keys, settings.pipeline.claim_timeout_seconds)
@@ -433,21 +505,23 @@ def _pipeline_once(settings: Settings, sample: Sample, batch_size: int) -> dict[
     started = time.perf_counter()
     generator.push_payloads(queue, Backpressure(client, keys, 10**12), payloads, batch_size)
     seconds["push"] = time.perf_counter() - started
-    stats = StagingWorker(settings).drain(batch_size)
-    seconds.update(stats.step_seconds)
-    seconds["stage"] = stats.busy_seconds
+    batches: list[float] = []
+    pipeline.stage_queue(settings, workers=1, batch_size=batch_size,
+                         on_batch=lambda report: batches.append(report.seconds))
+    seconds["stage"] = sum(batches)
     started = time.perf_counter()
     pipeline.promote_staged(settings)
     seconds["promote"] = time.perf_counter() - started
     started = time.perf_counter()
     pipeline.refresh_all_views(settings)
     seconds["refresh"] = time.perf_counter() - started
+    seconds.update(_worker_steps(settings, f"{keys.prefix}:steps", sample, batch_size))
     return seconds
 
 
 def pipeline_alone(settings: Settings, sample: Sample, batch_size: int,
                    repeats: int) -> dict[str, dict[str, Any]]:
-    """The real pipeline's stages on the sample, one at a time, in a scratch database."""
+    """The product's stages on the sample, one at a time, in a scratch database."""
     postgres = replace(settings.postgres, dbname=f"{settings.postgres.dbname}_alone")
     runs: list[dict[str, float]] = []
     ensure_database(postgres)
@@ -463,15 +537,9 @@ def pipeline_alone(settings: Settings, sample: Sample, batch_size: int,
                 LookupCache(redis_client(alone.redis), RedisKeys(alone.redis.key_prefix),
                             alone.pipeline.lookup_ttl_seconds).load_snapshot(conn)
             runs.append(_pipeline_once(alone, sample, batch_size))
-            unlink_matching(redis_client(alone.redis),
-                            f"{glob_escape(alone.redis.key_prefix)}:*")
+            delete_keys(alone.redis)
     finally:
-        close_all()  # the pools hold connections to the database about to be dropped
-        admin = replace(postgres, dbname="postgres")
-        with pg_connect(admin) as conn:
-            conn.autocommit = True
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                         .format(sql.Identifier(postgres.dbname)))
+        drop_database(postgres)
     return {stage: _rate(sample.rows, [run.get(stage, 0.0) for run in runs])
             for stage in runs[0]}
 

@@ -1,0 +1,129 @@
+"""`orders-pipeline-benchmark` (also `python -m benchmarks`, `orders-pipeline benchmark`).
+
+Configuration comes from the same environment variables (and `.env`) as `orders-pipeline`.
+Every expected failure (bad option, bad configuration, a server down, a benchmark process
+that died) is one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import psycopg
+import redis
+
+from benchmarks.end_to_end import BenchmarkFailed, BenchmarkOptions, run_benchmark
+from benchmarks.report import render_benchmark
+from orders_pipeline.connections import close_all, redis_client
+from orders_pipeline.pipeline import WorkerFailed
+from orders_pipeline.settings import (
+    BATCH_SIZE,
+    WORKERS,
+    ConfigError,
+    Settings,
+    load_env_file,
+)
+
+PROG = "orders-pipeline-benchmark"
+PREFLIGHT_TIMEOUT_SECONDS = 3
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+_FRACTION = click.FloatRange(min=0, max=1, max_open=True)
+
+
+def _preflight(settings: Settings) -> None:
+    """Fail within seconds, in one line, when a server the benchmark needs does not answer."""
+    pg = settings.postgres
+    for via_pgbouncer in sorted({False, pg.use_pgbouncer}):
+        params = {**pg.conninfo(via_pgbouncer=via_pgbouncer), "dbname": "postgres",
+                  "connect_timeout": PREFLIGHT_TIMEOUT_SECONDS}
+        server = "PgBouncer" if via_pgbouncer else "Postgres"
+        try:
+            psycopg.connect(**params).close()
+        except psycopg.OperationalError as exc:
+            raise click.ClickException(f"cannot use {server} at {params['host']}:"
+                                       f"{params['port']} ({' '.join(str(exc).split())})"
+                                       ) from exc
+    try:
+        redis_client(settings.redis).ping()
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot use Redis at {settings.redis.host}:"
+                                   f"{settings.redis.port} ({exc})") from exc
+
+
+@click.command(name=PROG, context_settings={"help_option_names": ["-h", "--help"],
+                                            "max_content_width": 100})
+@click.option("--total", type=click.IntRange(min=1), required=True, metavar="N",
+              help="orders to push through the pipeline")
+@click.option("--batch-size", type=click.IntRange(BATCH_SIZE.minimum, BATCH_SIZE.maximum),
+              metavar="B", help="orders per batch (default BATCH_SIZE)")
+@click.option("--workers", type=click.IntRange(WORKERS.minimum, WORKERS.maximum), metavar="N",
+              help="staging worker processes (default WORKER_COUNT)")
+@click.option("--duplicates", type=_FRACTION, default=0.0, show_default=True, metavar="F",
+              help="fraction of duplicate payloads")
+@click.option("--invalid", type=_FRACTION, default=0.0, show_default=True, metavar="F",
+              help="fraction of invalid payloads")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("benchmark-results.json"), show_default=True, metavar="PATH",
+              help="where to write the JSON results")
+@click.option("--preload", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="M", help="first COPY M orders straight into orders, spread over 90 days")
+@click.option("--fresh-batch", type=click.IntRange(min=0), default=0, metavar="K",
+              help="after the run, time promotion + refresh of one K-order batch "
+                   "(default 0: skip)")
+@click.option("--raw-sample", type=click.IntRange(min=0), metavar="R",
+              help="orders for the raw limits (default min(N, 200000); 0: skip)")
+@click.option("--raw-repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              metavar="K", help="runs of each raw limit; the median is reported")
+@click.option("--refresh-every", type=_POSITIVE, default=1.0, show_default=True,
+              metavar="SECONDS", help="least time between view refreshes while ingesting")
+@click.option("--dashboard-interval", type=_POSITIVE, default=0.25, show_default=True,
+              metavar="SECONDS", help="pause between dashboard queries")
+@click.option("--seed", type=int, default=1, show_default=True, help="generator seed")
+def benchmark(total: int, batch_size: int | None, workers: int | None, duplicates: float,
+              invalid: float, output: Path, preload: int, fresh_batch: int,
+              raw_sample: int | None, raw_repeats: int, refresh_every: float,
+              dashboard_interval: float, seed: int) -> None:
+    """Run the pipeline end to end (producer, following workers, promoter and a dashboard at
+    once) and the raw limit of each stage, on a throwaway database and key prefix (both
+    removed afterwards); print the figures and write them as JSON."""
+    load_env_file()
+    settings = Settings.from_env()
+    _preflight(settings)
+    options = BenchmarkOptions(
+        total=total, batch_size=batch_size or settings.pipeline.batch_size,
+        workers=workers or settings.pipeline.worker_count, duplicates=duplicates,
+        invalid=invalid, preload=preload, fresh_batch=fresh_batch, raw_sample=raw_sample,
+        raw_repeats=raw_repeats, refresh_every=refresh_every,
+        dashboard_interval=dashboard_interval, seed=seed)
+    result = run_benchmark(settings, options, show_progress=sys.stderr.isatty())
+    click.echo(render_benchmark(result))
+    output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    click.echo(f"results written to {output}")
+    orders = result["orders"]
+    if not orders["verified"]:
+        raise click.ClickException(f"benchmark lost orders: {orders['orders_rows']:,} in "
+                                   f"orders, expected {orders['expected_rows']:,}")
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Run the command on `argv` (default: the process's arguments); returns the exit code:
+    0, 1 for a failure, 2 for bad usage, 130 when interrupted; the error is one line."""
+    try:
+        code = benchmark.main(args=argv, prog_name=prog, standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except click.UsageError as exc:
+        message, code = f"{exc.format_message()} (see `{prog} --help`)", 2
+    except click.ClickException as exc:
+        message, code = exc.format_message(), 1
+    except ConfigError as exc:
+        message, code = f"bad configuration: {exc}", 1
+    except (BenchmarkFailed, WorkerFailed, ValueError, OSError, psycopg.Error,
+            redis.RedisError) as exc:
+        message, code = " ".join(f"{type(exc).__name__}: {exc}".split()), 1
+    except click.Abort:
+        message, code = "interrupted", 130
+    finally:
+        close_all()
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
