@@ -403,7 +403,7 @@ def _overlapped(bench: Settings, options: BenchmarkOptions, ctx: Any,
 
     def stop_when_drained() -> None:
         if produced.is_set() and not stop.requested and not (
-                queue.depth() or queue.in_flight_batches()):
+                queue.depth() or queue.claimed_batches()):
             stop.request()
 
     def note_batch(report: BatchReport) -> None:

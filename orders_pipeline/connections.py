@@ -33,7 +33,8 @@ def redis_client(settings: RedisSettings) -> redis.Redis:
                 port=settings.port,
                 db=settings.db,
                 username=settings.username,
-                password=settings.password,
+                password=(None if settings.password is None
+                          else settings.password.get_secret_value()),
                 ssl=settings.ssl,
                 # TLS always verifies the server: its chain and that it is `host`.
                 ssl_cert_reqs="required",

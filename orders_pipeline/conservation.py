@@ -1,15 +1,21 @@
-"""Conservation of orders: every accepted order is in exactly one place.
+"""Conservation of orders: every delivered order is in exactly one place.
 
-    accepted = orders + promotion conflicts + rejected + duplicates dropped
-               + awaiting promotion + quarantined + queued + in flight
+    accepted + redriven + replayed = orders + promotion conflicts + rejected
+                                     + duplicates dropped + awaiting promotion + quarantined
+                                     + queued + in flight
 
-`accepted` is counted by producers in the same MULTI as their LPUSH. The Postgres side comes
-from the logged batch ledger (a batch's rejects and duplicates count once its staging has
-committed, and a quarantined batch's orders count as quarantined until it is re-admitted);
-the Redis side counts only batches the ledger does not already account for (claimed and not
-yet staged, lost to a Postgres crash and requeued, or re-admitted). The two servers are
-read one after the other, so the books are exact whenever no batch changes state between the
-two reads: at rest, after every run, which is when the asset check evaluates them.
+`accepted` is counted by producers in the same MULTI as their LPUSH. `redriven` counts the
+rejected orders a re-drive put back in flight, in the same MULTI as that push
+(`OrderQueue.push_redriven`): each is one more delivery, whose outcome counts again (an order
+rejected, re-driven and rejected again counts twice in `rejected`, once per verdict);
+`replayed` likewise counts the archived orders a replay put back in flight. The
+Postgres side comes from the logged batch ledger (a batch's rejects and duplicates count once
+its staging has committed, and a quarantined batch's orders count as quarantined until it is
+re-admitted); the Redis side counts only batches the ledger does not already account for
+(claimed and not yet staged, lost to a Postgres crash and requeued, re-admitted,
+re-driven or replayed). The two servers are read one after the other, so the books are
+exact whenever no batch changes state between the two reads: at rest, after every run, which
+is when the asset check evaluates them.
 """
 
 from dataclasses import asdict, dataclass
@@ -19,7 +25,7 @@ import redis
 
 from orders_pipeline.postgres_patterns.promotion import batch_statuses
 from orders_pipeline.redis_patterns.keys import RedisKeys
-from orders_pipeline.redis_patterns.queue import OrderQueue
+from orders_pipeline.redis_patterns.queue import REDRIVEN_COUNTER, REPLAYED_COUNTER, OrderQueue
 
 # A lost batch's rejects and duplicates are counted again when it is staged again.
 _LEDGER_TOTALS = """
@@ -36,6 +42,8 @@ FROM ingest_batches
 @dataclass(frozen=True)
 class Conservation:
     accepted: int
+    redriven: int
+    replayed: int
     orders: int
     promotion_conflicts: int
     rejected: int
@@ -53,8 +61,9 @@ class Conservation:
 
     @property
     def difference(self) -> int:
-        """Accepted orders not found anywhere (positive) or found twice (negative)."""
-        return self.accepted - self.accounted
+        """Deliveries (accepted, re-driven and replayed orders) not found anywhere (positive)
+        or found twice (negative)."""
+        return self.accepted + self.redriven + self.replayed - self.accounted
 
     @property
     def balanced(self) -> bool:
@@ -81,11 +90,13 @@ def check_conservation(client: redis.Redis, keys: RedisKeys,
     conn.rollback()
     in_flight = unstaged_batch_orders(client, keys, conn)
     pipe = client.pipeline(transaction=True)  # no producer's MULTI lands between the two
-    pipe.hget(keys.counters, "accepted")
+    pipe.hmget(keys.counters, ["accepted", REDRIVEN_COUNTER, REPLAYED_COUNTER])
     pipe.llen(keys.ingestion)
-    accepted, queued = pipe.execute()
+    (accepted, redriven, replayed), queued = pipe.execute()
     return Conservation(
-        accepted=int(accepted or 0), orders=int(orders), promotion_conflicts=int(conflicts),
+        accepted=int(accepted or 0), redriven=int(redriven or 0), replayed=int(replayed or 0),
+        orders=int(orders),
+        promotion_conflicts=int(conflicts),
         rejected=int(rejected), duplicates_dropped=int(duplicates),
         awaiting_promotion=int(awaiting), quarantined=int(quarantined), queued=int(queued),
         in_flight=in_flight)

@@ -6,11 +6,17 @@ One module per area under `orders_pipeline.assets`; the sensors that launch runs
 
 import dagster as dg
 
-from orders_pipeline.assets import checks, lookup, orders, queue, views
+from orders_pipeline.assets import checks, fanout, lookup, orders, queue, replay, views
+from orders_pipeline.assets.backup import backup_job
 from orders_pipeline.assets.catalog import rendered
+from orders_pipeline.assets.redrive import redrive_rejected_job
 from orders_pipeline.jobs import ingest_orders_job
 from orders_pipeline.resources import resources_from_env
-from orders_pipeline.sensors import automation_condition_sensor, completion_signal_sensor
+from orders_pipeline.sensors import (
+    automation_condition_sensor,
+    completion_signal_sensor,
+    lookup_sources_sensor,
+)
 from orders_pipeline.settings import RedisSettings, load_env_file
 
 load_env_file()
@@ -21,10 +27,14 @@ defs = dg.Definitions(
         *lookup.LOOKUP_TABLE_SPECS, lookup.lookup_cache,  # external tables, their Redis snapshot
         orders.staged_orders, orders.promoted_orders,  # with orders_rejected and the rollups
         views.sales_hourly, views.product_performance_daily,
+        replay.replayed_orders,  # a day of the raw archive run through again
+        fanout.PROMOTED_STREAM,  # external: the relay writes it, consumer groups read it
     ]),
-    asset_checks=[queue.MONITOR.checks, *dg.load_asset_checks_from_modules([checks])],
-    jobs=[ingest_orders_job],
-    sensors=[completion_signal_sensor, queue.MONITOR.sensor, automation_condition_sensor],
+    asset_checks=[queue.MONITOR.checks, fanout.promoted_orders_relayed,
+                  *dg.load_asset_checks_from_modules([checks])],
+    jobs=[ingest_orders_job, redrive_rejected_job, backup_job],
+    sensors=[completion_signal_sensor, queue.MONITOR.sensor, lookup_sources_sensor,
+             automation_condition_sensor, fanout.promoted_stream_observation_sensor],
     resources=resources_from_env(),
     # Worker parallelism lives inside `staged_orders` (N processes); one process per run
     # avoids paying Dagster's per-step process start-up on every asset.

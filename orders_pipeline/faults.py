@@ -16,6 +16,20 @@ CRASH_ENV = "ORDERS_PIPELINE_CRASH_AT"
 PAUSE_ENV = "ORDERS_PIPELINE_PAUSE_AT"
 PAUSE_FILE_ENV = "ORDERS_PIPELINE_PAUSE_FILE"
 CRASH_POINTS = ("after_claim", "after_dedup", "mid_copy", "after_copy", "mid_promotion")
+# Points of a re-drive of rejected orders (`pipeline.redrive_rejected`): after its rows are
+# marked and its batches written to the outbox, and after one batch's Redis push, before the
+# outbox records it.
+REDRIVE_CRASH_POINTS = ("after_redrive_plan", "after_redrive_push")
+# Points of a replay of archived batches (`pipeline.replay_window`): after its batches are
+# written to the outbox, after one batch's Redis push (before the outbox records it), and
+# after its first chunk of batches is pushed, staged and promoted (the rest still pending).
+REPLAY_CRASH_POINTS = ("after_replay_plan", "after_replay_push", "after_replay_chunk")
+# Points of a backup (`backup.backup`): while it holds the ledger still, and after its data
+# files are written, before its manifest.
+BACKUP_CRASH_POINTS = ("backup_ledger_paused", "backup_before_manifest")
+# Points of the fan-out (`orders_pipeline.fanout`): the relay after an outbox row's entries
+# are in Redis, before the row is deleted; a consumer after its handler, before the XACK.
+FANOUT_CRASH_POINTS = ("after_relay_publish", "after_consume_handler")
 MAX_PAUSE_SECONDS = 120
 
 

@@ -5,6 +5,7 @@ batches, each with its completion signal, waiting whenever backpressure says the
 """
 
 import json
+import os
 import random
 import time
 import uuid
@@ -74,14 +75,46 @@ class GenerateSummary:
         return {**asdict(self), "orders_per_second": self.rate}
 
 
+# UUIDv7 (RFC 9562): 48-bit Unix ms | version 7 | 12-bit rand_a | variant 0b10 | 62-bit rand_b.
+_UUID7_VERSION = 0x7 << 76
+_UUID7_VARIANT = 0b10 << 62
+_UUID7_PER_MS = 1 << 12
+
+
+def time_ordered_ids(count: int, now: datetime) -> list[str]:
+    """`count` UUIDv7 strings (RFC 9562 section 5.7), increasing in the order returned.
+
+    The 48-bit timestamp starts at `now` (ms) and `rand_a` is a 12-bit counter within each
+    millisecond (RFC 9562 section 6.2, method 1), so ids sort in generation order; `rand_b`
+    is 62 bits from the operating system's CSPRNG, never from a seeded generator, so ids from
+    any two producers (any hosts, any `--seed`, even the same seed at the same instant)
+    collide with probability about n**2 / 2**63.
+    """
+    start_ms = int(now.timestamp() * 1000)
+    entropy = os.urandom(8 * count)
+    ids = []
+    for n in range(count):
+        ms, counter = divmod(n, _UUID7_PER_MS)
+        rand_b = int.from_bytes(entropy[8 * n:8 * n + 8], "big") >> 2
+        value = (((start_ms + ms) << 80) | _UUID7_VERSION | (counter << 64) | _UUID7_VARIANT
+                 | rand_b)
+        h = f"{value:032x}"
+        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return ids
+
+
 def valid_orders(refs: References, count: int, rng: random.Random, *,
                  burst: bool = False, now: datetime | None = None) -> pl.DataFrame:
-    """`count` valid orders as a frame with the payload's columns."""
+    """`count` valid orders as a frame with the payload's columns.
+
+    `rng` (seeded for reproducible contents) picks products, currencies, zip codes, times and
+    quantities; the order ids are time-ordered UUIDv7s unique across producers
+    (`time_ordered_ids`), whatever the seed.
+    """
     if count == 0:
         return pl.DataFrame(schema=PAYLOAD_SCHEMA)
     now = now or datetime.now(UTC)
     seed = rng.randrange(2**32)
-    token = uuid.UUID(int=rng.getrandbits(128)).hex[:12]
     product = refs.products.sample(count, with_replacement=True, seed=seed)
     currency = refs.currencies.sample(count, with_replacement=True, seed=seed + 1)
     zips = pl.Series(refs.zip_codes).sample(count, with_replacement=True, seed=seed + 2)
@@ -93,7 +126,7 @@ def valid_orders(refs: References, count: int, rng: random.Random, *,
     customers = pl.int_range(1, 200_001, eager=True).sample(count, with_replacement=True,
                                                             seed=seed + 5)
     frame = pl.DataFrame({
-        "n": pl.int_range(0, count, eager=True),
+        "order_id": time_ordered_ids(count, now),
         "customer_id": customers,
         "product_id": product["product_id"],
         "quantity": quantities,
@@ -105,8 +138,7 @@ def valid_orders(refs: References, count: int, rng: random.Random, *,
     })
     stamp = pl.lit(now) - pl.duration(seconds=pl.col("offset_s"))
     return frame.select(
-        pl.format("ord-{}-{}", pl.lit(token), pl.col("n")).alias("order_id"),
-        "customer_id", "product_id", "quantity",
+        "order_id", "customer_id", "product_id", "quantity",
         (pl.col("base_price") / pl.col("rate_to_usd")).round(2).alias("unit_price"),
         "currency", "zip_code",
         stamp.dt.strftime("%Y-%m-%dT%H:%M:%S%.3f+00:00").alias("order_timestamp"),

@@ -3,7 +3,9 @@
 `stage_queue` drains the queue with N staging worker processes, `follow_queue` runs N
 long-running workers until they are asked to stop, `promote_staged` moves staged batches into
 `orders` and releases them from Redis (quarantining poison batches), `readmit_quarantined`
-hands quarantined batches back, `refresh_all_views` refreshes the dashboards.
+hands quarantined batches back, `redrive_rejected` sends rejected orders through again,
+`replay_window` runs the archived batches of a time window through again (`prune_archive`
+drops expired days of the archive), `refresh_all_views` refreshes the dashboards.
 """
 
 import contextlib
@@ -11,14 +13,22 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from multiprocessing import connection as mp_connection
 from multiprocessing.queues import SimpleQueue
 from types import FrameType
 from typing import Any
 
+import psycopg
+
 from orders_pipeline.connections import pg_pool, redis_client
+from orders_pipeline.fanout import relay
+from orders_pipeline.faults import crash_point
+from orders_pipeline.postgres_patterns import archive, redrive, replay
+from orders_pipeline.postgres_patterns.batch_outbox import Outbox
 from orders_pipeline.postgres_patterns.promotion import (
     PromotionResult,
     QuarantinedBatch,
@@ -28,8 +38,18 @@ from orders_pipeline.postgres_patterns.promotion import (
     promote_round,
     quarantined_batches,
 )
+from orders_pipeline.postgres_patterns.redrive import (
+    RedriveRefused,
+    RedriveReport,
+    RejectFilter,
+    plan,
+    preview,
+    report,
+)
+from orders_pipeline.postgres_patterns.replay import ReplayOutcome, Window, WindowContents
 from orders_pipeline.postgres_patterns.views import ROLLUPS, refresh_views
 from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
 from orders_pipeline.worker import BatchReport, StagingWorker, StopRequest, WorkerStats
@@ -227,11 +247,14 @@ def promote_staged(settings: Settings, max_batches_per_round: int = 400) -> Prom
     from the Redis batch list into Postgres in the same transaction) and the others are
     promoted; after the commit it moves from `{P}:staged` to `{P}:quarantined`, its list kept.
     A move that a crash interrupted is finished by the next call. Errors that are not poison
-    (`promotion.is_poison`) propagate; the round they hit committed nothing.
+    (`promotion.is_poison`) propagate; the round they hit committed nothing. Last, the
+    fan-out outbox is relayed into `{P}:promoted` (`fanout.relay`: what these rounds wrote
+    and whatever an earlier relay left; `entries_published`).
     """
     client = redis_client(settings.redis)
     queue = OrderQueue(client, RedisKeys(settings.redis.key_prefix))
     reconcile_batches(settings)
+    finish_redrives(settings)
     total = PromotionResult()
     with pg_pool(settings.postgres).connection() as conn:
         while True:
@@ -252,6 +275,7 @@ def promote_staged(settings: Settings, max_batches_per_round: int = 400) -> Prom
                 conn.execute(_AFTER_PROMOTION)
             finally:
                 conn.autocommit = False
+    total.entries_published = relay(settings).entries
     return total
 
 
@@ -291,6 +315,210 @@ def readmit_quarantined(settings: Settings,
         queue.readmit(ids, {b: kept_payloads(conn, b) for b in ids if b in missing})
         mark_readmitted(conn, ids)
     return Readmission(readmitted, unrecoverable)
+
+
+@dataclass(frozen=True)
+class Redrive:
+    """What `redrive_rejected` did, or with `dry_run` would do.
+
+    `selection`: the filter as applied (the unknown-references preset resolved into reason
+    kinds and a time range). `redrive_id`: the request's id (None for a dry run or when
+    nothing was selected). `selected`: rows selected, `by_reason` by reason kind, largest
+    first. `batch_ids`: this request's batches, all pushed. `resumed`: pending batches of
+    earlier requests (interrupted by a crash) that this call pushed first.
+    """
+    selection: RejectFilter
+    dry_run: bool
+    redrive_id: str | None
+    selected: int
+    by_reason: dict[str, int]
+    batch_ids: list[str]
+    resumed: list[str]
+
+
+def redrive_rejected(settings: Settings, selection: RejectFilter, *,
+                     dry_run: bool = False) -> Redrive:
+    """Send the rejected orders `selection` picks through the pipeline again, byte for byte.
+
+    First finishes earlier requests a crash interrupted (`finish_redrives`). Then, in one
+    Postgres transaction (`redrive.plan`), the request is recorded and its rows are marked
+    with the batch (of BATCH_SIZE) and position each goes back under, the batches written to
+    the outbox as pending; a row already re-driven is never selected again. Then each batch,
+    holding its outbox row: pushed to Redis in flight under its own id with a completion
+    signal (`OrderQueue.push_redriven`), and marked pushed. The next drain stages it like any
+    batch: an order still bad is rejected again under (batch id, position) with its new
+    reason, a good one lands in `orders` once (`redrive_outcomes` tells which).
+
+    Exactly once, whatever dies when: the Redis push and its marker are one MULTI that does
+    nothing if the marker is there; the outbox row stays locked, so no one else pushes the
+    batch, until the transaction that marks it pushed commits, and only then is the marker
+    dropped. A crash before the push leaves the batch pending (pushed by the next call); a
+    crash after it leaves the marker, so the next call only records the push.
+
+    With `dry_run` nothing changes (and nothing pending is finished): only the counts.
+    Raises RedriveRefused (no filter without `everything`, naive times, the preset before
+    the live lookup snapshot picked up any change), psycopg's InvalidRegularExpression for a
+    bad reason pattern.
+    """
+    queue = OrderQueue(redis_client(settings.redis), RedisKeys(settings.redis.key_prefix))
+    if selection.unknown_references:
+        selection = _since_lookup_change(settings, queue, selection)
+    selection.check()
+    if dry_run:
+        with pg_pool(settings.postgres).connection() as conn:
+            by_reason = preview(conn, selection)
+        return Redrive(selection, True, None, sum(by_reason.values()), by_reason, [], [])
+    resumed = finish_redrives(settings)
+    with pg_pool(settings.postgres).connection() as conn:
+        planned = plan(conn, selection, f"redrive-{uuid.uuid4().hex[:16]}",
+                       settings.pipeline.batch_size)
+        crash_point("after_redrive_plan")
+        _push_outboxed(conn, queue, REDRIVES, planned.batch_ids)
+    return Redrive(selection, False, planned.redrive_id if planned.selected else None,
+                   planned.selected, planned.by_reason, planned.batch_ids, resumed)
+
+
+def _since_lookup_change(settings: Settings, queue: OrderQueue,
+                         selection: RejectFilter) -> RejectFilter:
+    """The unknown-references preset resolved against the live snapshot's sources."""
+    sources = LookupCache(queue.client, queue.keys,
+                          settings.pipeline.lookup_ttl_seconds).sources()
+    if sources is None or sources.changes is None:
+        raise RedriveRefused(
+            "the lookup snapshot has picked up no change of products, currencies or zip_codes "
+            "since it was first loaded, so no order was rejected for an unknown reference "
+            "since a change; select rejects by reason pattern and time range instead")
+    return selection.for_reload(datetime.fromtimestamp(sources.changes.since, UTC),
+                                datetime.fromtimestamp(sources.changes.loaded_at, UTC))
+
+
+REDRIVES, REPLAYS = redrive.OUTBOX, replay.OUTBOX
+
+
+def _push_outboxed(conn: psycopg.Connection, queue: OrderQueue, outbox: Outbox,
+                   batch_ids: Sequence[str]) -> list[str]:
+    """Push each batch of `outbox` that is still pending, once (see `redrive_rejected`);
+    returns those this call pushed or found pushed by a call a crash interrupted."""
+    done = []
+    for batch_id in batch_ids:
+        with conn.transaction():
+            payloads = outbox.lock_pending(conn, batch_id)
+            if payloads is None:
+                continue
+            queue.push_redriven(batch_id, payloads, counter=outbox.counter)
+            crash_point(f"after_{outbox.name}_push")
+            outbox.mark_pushed(conn, batch_id)
+        queue.forget_redriven([batch_id])
+        done.append(batch_id)
+    return done
+
+
+def _forget_recorded(conn: psycopg.Connection, queue: OrderQueue, outbox: Outbox) -> None:
+    """Drop the Redis markers of the batches `outbox` records as pushed."""
+    markers = queue.redriven_markers()
+    if markers:
+        queue.forget_redriven(outbox.pushed_among(conn, markers))
+
+
+def finish_redrives(settings: Settings) -> list[str]:
+    """Finish the re-drive requests a crash interrupted; returns the batches it pushed.
+
+    Markers of batches whose push the outbox already recorded are dropped; every batch still
+    pending in the outbox is pushed (or, if its marker shows an earlier push, recorded as
+    pushed). Cheap when there is nothing to do (one HKEYS, one indexed query): every
+    promotion calls it.
+    """
+    queue = OrderQueue(redis_client(settings.redis), RedisKeys(settings.redis.key_prefix))
+    with pg_pool(settings.postgres).connection() as conn:
+        _forget_recorded(conn, queue, REDRIVES)
+        return _push_outboxed(conn, queue, REDRIVES, REDRIVES.pending_batches(conn))
+
+
+def redrive_report(settings: Settings, redrive_id: str) -> RedriveReport | None:
+    """What became of the rows of one re-drive request (None for an unknown id)."""
+    with pg_pool(settings.postgres).connection() as conn:
+        return report(conn, redrive_id)
+
+
+# Replay batches pushed before they are staged and promoted: a replay holds at most this many
+# batches (of at most BATCH_SIZE orders) of its window in Redis at once.
+REPLAY_CHUNK_BATCHES = 20
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What `replay_window` did, or with `dry_run` would do.
+
+    `contents`: what the archive held in the window when asked. `replay_id`: the request
+    (None for a dry run or when no batch of the window was promoted); `resumed_request`: it
+    is one a crash interrupted, resumed. `resumed`: pending batches of other interrupted
+    requests this call replayed first. `outcome`: what became of the request's batches.
+    """
+    window: Window
+    reprocess: bool
+    dry_run: bool
+    contents: WindowContents
+    replay_id: str | None = None
+    resumed_request: bool = False
+    resumed: list[str] = field(default_factory=list)
+    outcome: ReplayOutcome | None = None
+
+
+def replay_window(settings: Settings, window: Window, *, reprocess: bool = False,
+                  dry_run: bool = False,
+                  chunk_batches: int = REPLAY_CHUNK_BATCHES) -> Replay:
+    """Run the archived batches of `window` through the pipeline again, from their raw bytes.
+
+    In one Postgres transaction (`replay.plan`) the request is recorded and a replay batch
+    for each archived batch of the window that is promoted (the others are still on their
+    way) is written to the outbox as pending; a request for the same window and mode that a
+    crash interrupted is resumed instead. Then, `chunk_batches` at a time, the batches
+    (pending ones of other interrupted requests first) are pushed to Redis exactly once,
+    as re-drive batches are (`Outbox`), drained into staging in this process
+    (`stage_queue`, which also stages whatever else is queued) and promoted; last, the views
+    are refreshed. A replayed order is one more delivery (`replayed` in conservation).
+
+    Default mode changes nothing already in `orders` (the copy that landed is staged again
+    and meets ON CONFLICT DO NOTHING) and brings in what is missing. With `reprocess`,
+    promotion replaces the stored values of the window's orders by those recomputed from the
+    raw bytes with the current transform and lookup snapshot, and moves the rollups by the
+    difference (`replay.reprocess_staged`). With `dry_run` nothing changes: only `contents`.
+    Raises ReplayRefused for a naive instant or an empty window.
+    """
+    window.check()
+    with pg_pool(settings.postgres).connection() as conn:
+        contents = replay.preview(conn, window)
+    if dry_run:
+        return Replay(window, reprocess, True, contents)
+    queue = OrderQueue(redis_client(settings.redis), RedisKeys(settings.redis.key_prefix))
+    with pg_pool(settings.postgres).connection() as conn:
+        _forget_recorded(conn, queue, REPLAYS)
+        planned = replay.plan(conn, window, reprocess)
+        mine = set(planned.batch_ids)
+        others = [b for b in replay.pending_batches(conn) if b not in mine]
+    crash_point("after_replay_plan")
+    batch_ids = [*others, *planned.batch_ids]
+    for start in range(0, len(batch_ids), chunk_batches):
+        with pg_pool(settings.postgres).connection() as conn:
+            _push_outboxed(conn, queue, REPLAYS, batch_ids[start:start + chunk_batches])
+        stage_queue(settings, workers=1, batch_size=settings.pipeline.batch_size)
+        promote_staged(settings)
+        crash_point("after_replay_chunk")
+    if batch_ids:
+        refresh_all_views(settings)
+    if planned.replay_id is None:
+        return Replay(window, reprocess, False, contents, resumed=others)
+    with pg_pool(settings.postgres).connection() as conn:
+        result = replay.outcome(conn, planned.replay_id)
+    return Replay(window, reprocess, False, contents, planned.replay_id, planned.resumed,
+                  others, result)
+
+
+def prune_archive(settings: Settings) -> list[str]:
+    """Drop the archive's day partitions older than RAW_RETENTION_DAYS now (staging does it
+    once a day anyway); returns the partitions dropped."""
+    with pg_pool(settings.postgres).connection() as conn:
+        return archive.prune(conn, settings.pipeline.raw_retention_days)
 
 
 def refresh_all_views(settings: Settings) -> dict[str, float]:

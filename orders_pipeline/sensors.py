@@ -1,4 +1,4 @@
-"""The sensors that launch runs: ingest runs for completion signals, and automation.
+"""The sensors that launch runs: ingest runs for completion signals, lookup reloads, automation.
 
 `completion_signal_sensor` launches an ingest run for completion signals, read from the
 durable signal stream. The tick never blocks: it reads `{P}:signals` after its cursor with
@@ -13,11 +13,16 @@ is reset with a warning and reading restarts at the oldest retained entry, which
 some signals a second, harmless run (ingest is idempotent; see `CompletionSignals.read_after`).
 """
 
-import dagster as dg
+import json
 
+import dagster as dg
+import psycopg
+
+from orders_pipeline.assets.lookup import LOOKUP_TABLE_SPECS, lookup_cache
 from orders_pipeline.jobs import ingest_orders_job
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache, source_versions
 from orders_pipeline.redis_patterns.signals import CompletionSignals
-from orders_pipeline.resources import RedisResource
+from orders_pipeline.resources import PipelineResource, PostgresResource, RedisResource
 
 MAX_SIGNALS_PER_RUN = 10_000
 
@@ -67,6 +72,60 @@ def completion_signal_sensor(context: dg.SensorEvaluationContext,
         )],
         cursor=page.cursor,
     )
+
+
+LOOKUP_SOURCES_EVERY_SECONDS = 15
+
+
+@dg.sensor(
+    target=lookup_cache,
+    minimum_interval_seconds=LOOKUP_SOURCES_EVERY_SECONDS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=f"""Every {LOOKUP_SOURCES_EVERY_SECONDS} s: compares the change counters of
+`products`, `currencies` and `zip_codes` (table `lookup_source_versions`, raised by a trigger on
+every change) with the versions the live snapshot was copied from, and reloads `lookup_cache`
+when Postgres is ahead (one run per set of versions), so a change reaches the workers within
+a minute. Each new version is recorded as an observation of its table. Then
+`orders-pipeline requeue-rejected --unknown-references` (or the `redrive_rejected` job with
+`unknown_references: true`) re-drives the orders rejected for an unknown reference meanwhile.""",
+)
+def lookup_sources_sensor(context: dg.SensorEvaluationContext, redis: RedisResource,
+                          postgres: PostgresResource,
+                          pipeline: PipelineResource) -> dg.SensorResult | dg.SkipReason:
+    """A run of `lookup_cache` keyed by the source versions, when the snapshot is behind them.
+
+    Two small reads: the three counter rows in Postgres, the snapshot's `{P}:lookup:meta`
+    hash in Redis. The cursor holds the versions already observed (JSON), so each version is
+    observed once however many ticks the reload takes.
+    """
+    try:
+        with postgres.connection() as conn:
+            versions = source_versions(conn)
+    except psycopg.errors.UndefinedTable:
+        return dg.SkipReason("table lookup_source_versions is missing: run "
+                             "`orders-pipeline init-db`")
+    sources = LookupCache(redis.client(), redis.key_space(),
+                          pipeline.settings().lookup_ttl_seconds).sources()
+    covered = sources.versions if sources is not None else {}
+    observed = json.loads(context.cursor) if context.cursor else {}
+    named = ", ".join(f"{table} {version}" for table, version in versions.items())
+    observations = [
+        dg.AssetObservation(asset_key=spec.key, metadata={"version": versions[spec.key.path[-1]]})
+        for spec in LOOKUP_TABLE_SPECS
+        if observed.get(spec.key.path[-1]) != versions.get(spec.key.path[-1])]
+    behind = sorted(table for table, version in versions.items()
+                    if covered.get(table) != version)
+    if not behind:
+        return dg.SensorResult(
+            skip_reason=f"the lookup snapshot follows its source tables (versions: {named})",
+            asset_events=observations, cursor=json.dumps(versions))
+    context.log.info(f"lookup snapshot behind on {', '.join(behind)} (versions: {named}): "
+                     "reloading lookup_cache")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(
+            run_key="lookup-sources:" + ",".join(f"{t}={v}" for t, v in versions.items()),
+            tags={"orders_pipeline/lookup_tables_changed": ",".join(behind)})],
+        asset_events=observations, cursor=json.dumps(versions))
 
 
 # Runs the assets' automation conditions (`lookup_cache` daily at 03:00 UTC, the views after

@@ -1,14 +1,38 @@
-"""Configuration from environment variables (and `.env`), with safe local defaults.
+"""Every setting of the pipeline, declared once, with its environment variable and range.
 
-Plain frozen dataclasses so they pickle into worker processes; Dagster resources and the CLI
-both build these, so there is one place that knows the variable names and defaults.
+Each field of `RedisSettings`, `PostgresSettings` and `PipelineSettings` names its environment
+variable, default, description and (for numbers) its inclusive range, and nothing else does:
+`from_env` reads the environment from these declarations, the Dagster resources derive their
+fields from them (`orders_pipeline.resources`), the CLI derives its flag ranges from them,
+`to_env` renders them back for subprocesses, and a test checks that `.env.example` lists
+exactly these variables with these defaults.
+
+The classes are frozen pydantic dataclasses: validated on construction (also by
+`dataclasses.replace`), hashable, and picklable into worker processes. A value that does not
+fit raises `ConfigError`, one line naming the variable, the value and what is allowed.
+Secrets are `SecretStr`: they never appear in `repr()`, logs or the Dagster UI.
 """
 
+import contextlib
+import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args, get_origin
 
+import annotated_types
 from dotenv import load_dotenv
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
+from pydantic import dataclasses as pydantic_dataclasses
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -23,12 +47,7 @@ def load_env_file(path: str = ".env") -> None:
 
 @dataclass(frozen=True)
 class Bound:
-    """The inclusive range of one integer setting.
-
-    The constants below are the one place that fixes these ranges: environment variables
-    (`*Settings.from_env` and `__post_init__`), the CLI flags and the Dagster config fields of
-    `staged_orders` all check against them and word a refusal the same way.
-    """
+    """The inclusive range of one integer setting or flag, and how a refusal is worded."""
 
     minimum: int
     maximum: int
@@ -41,146 +60,199 @@ class Bound:
         """One line naming the setting, the value refused and the allowed range."""
         return f"{name} must be an integer from {self.span()}, got {value!r}"
 
-    def check(self, name: str, value: int) -> int:
-        """`value` if it is an int (not a bool) in range; else ConfigError(`refusal`)."""
-        if isinstance(value, bool) or not isinstance(value, int) or not (
-                self.minimum <= value <= self.maximum):
-            raise ConfigError(self.refusal(name, value))
-        return value
 
+def _integer(value: object) -> object:
+    """Text as an integer (`int()` rules: "5", " 5 ", "-5"; not "5.0", "1e3", "0x10")."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError("not an integer") from None
+    return value
+
+
+_FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+               "0": False, "false": False, "no": False, "off": False}
+
+
+def _flag(value: object) -> object:
+    """Text as a boolean: 1/true/yes/on or 0/false/no/off, any case."""
+    if isinstance(value, str):
+        try:
+            return _FLAG_WORDS[value.strip().lower()]
+        except KeyError:
+            raise ValueError("not true or false") from None
+    return value
+
+
+# Integers and booleans are strict (a bool is not an integer, 5.0 is not an integer); text is
+# converted first, because environment variables are text.
+Integer = Annotated[StrictInt, BeforeValidator(_integer)]
+Flag = Annotated[StrictBool, BeforeValidator(_flag)]
 
 DAY_SECONDS = 86_400
-# TCP ports of Postgres, PgBouncer and Redis.
-PORT = Bound(1, 65_535)
-# Redis logical database number: the server's `databases` setting is a C int.
-REDIS_DB = Bound(0, 2**31 - 1)
-# Staging worker processes per run or `process` call: each holds a Postgres (or PgBouncer)
-# connection and a Redis connection, so more than 64 only crowds the servers.
-WORKERS = Bound(1, 64)
-# Orders per claimed (and per pushed) batch: a worker holds a whole batch in memory several
-# times over (raw payloads, Polars frames, COPY buffer), so memory stays bounded by this.
-BATCH_SIZE = Bound(1, 100_000)
-# Batches a worker processes before it stops (`--iterations`, `max_batches_per_worker`).
-BATCHES_PER_WORKER = Bound(1, 1_000_000)
-DEDUP_WINDOW_SECONDS = Bound(1, 30 * DAY_SECONDS)
-# Orders queued before producers wait; a Redis list holds at most 2**32 - 1 elements.
-MAX_QUEUE_DEPTH = Bound(1, 1_000_000_000)
-# A snapshot must outlive the time it takes to load and use it; the daily schedule reloads it.
-LOOKUP_TTL_SECONDS = Bound(60, 30 * DAY_SECONDS)
-CLAIM_TIMEOUT_SECONDS = Bound(1, DAY_SECONDS)
-# Environment variable -> its bound; `PipelineSettings` has one field per variable, in lower case.
-PIPELINE_BOUNDS = {
-    "BATCH_SIZE": BATCH_SIZE,
-    "WORKER_COUNT": WORKERS,
-    "DEDUP_WINDOW_SECONDS": DEDUP_WINDOW_SECONDS,
-    "MAX_QUEUE_DEPTH": MAX_QUEUE_DEPTH,
-    "LOOKUP_TTL_SECONDS": LOOKUP_TTL_SECONDS,
-    "CLAIM_TIMEOUT_SECONDS": CLAIM_TIMEOUT_SECONDS,
-}
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+SSL_MODES: tuple[str, ...] = get_args(SslMode)
 
 
-def _get(env: Mapping[str, str], name: str, default: str) -> str:
-    value = env.get(name)
-    return default if value is None or value == "" else value
+def setting(default: Any, env: str, description: str, *, ge: int | None = None,
+            le: int | None = None) -> Any:
+    """Declare one setting: its default, environment variable, description and range."""
+    return Field(default=default, description=description, ge=ge, le=le,
+                 json_schema_extra={"env": env})
 
 
-def _int(env: Mapping[str, str], name: str, default: int, bound: Bound) -> int:
-    """The integer in variable `name` (`default` when unset or empty), within `bound`.
-
-    Raises ConfigError naming the variable, its value and the allowed range.
-    """
-    raw = _get(env, name, str(default))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(bound.refusal(name, raw)) from None
-    return bound.check(name, value)
+def _bound(info: FieldInfo) -> Bound | None:
+    minimum = next((m.ge for m in info.metadata if isinstance(m, annotated_types.Ge)), None)
+    maximum = next((m.le for m in info.metadata if isinstance(m, annotated_types.Le)), None)
+    return None if minimum is None or maximum is None else Bound(minimum, maximum)
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = _get(env, name, "true" if default else "false").strip().lower()
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+class Declared:
+    """What the three settings classes share: their declarations, read from the environment."""
+
+    __pydantic_fields__: dict[str, FieldInfo]
+
+    @classmethod
+    def declarations(cls) -> dict[str, FieldInfo]:
+        """Field name -> its declaration (default, description, range, `env` name)."""
+        return cls.__pydantic_fields__
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable of `field`, e.g. "REDIS_PORT" for `RedisSettings.port`."""
+        extra = cls.__pydantic_fields__[field].json_schema_extra
+        assert isinstance(extra, dict)
+        return str(extra["env"])
+
+    @classmethod
+    def bound(cls, field: str) -> Bound:
+        """The inclusive range of an integer setting (ValueError if it has none)."""
+        bound = _bound(cls.__pydantic_fields__[field])
+        if bound is None:
+            raise ValueError(f"{cls.__name__}.{field} has no range")
+        return bound
+
+    @classmethod
+    def build(cls, values: Mapping[str, object]) -> Any:
+        """An instance from field values (missing ones take their default).
+
+        Raises ConfigError naming the first offending variable, its value and what is allowed.
+        """
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(cls._refusal(exc.errors()[0], values)) from None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Any:
+        """Read every declared variable from `env`; unset or empty means the default."""
+        values = {name: env[cls.env_name(name)] for name in cls.__pydantic_fields__
+                  if env.get(cls.env_name(name), "") != ""}
+        return cls.build(values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that `from_env` reads back as these settings (secrets included)."""
+        env: dict[str, str] = {}
+        for name in self.__pydantic_fields__:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[self.env_name(name)] = (
+                "" if value is None else str(value).lower() if isinstance(value, bool)
+                else str(value))
+        return env
+
+    @classmethod
+    def _refusal(cls, error: Any, values: Mapping[str, object]) -> str:
+        if not error["loc"]:  # a rule across fields (`_check`): its own words
+            return str(error["ctx"]["error"])
+        field = str(error["loc"][0])
+        info = cls.__pydantic_fields__[field]
+        name, value = cls.env_name(field), values.get(field, error["input"])
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):  # an out-of-range number shown as one
+                value = int(value)
+        bound = _bound(info)
+        if bound is not None:
+            return bound.refusal(name, value)
+        choices = _choices(info.annotation)
+        if choices:
+            return f"{name} must be one of {', '.join(choices)}, got {value!r}"
+        if "bool" in error["type"] or "true or false" in error["msg"]:
+            return f"{name} must be true or false, got {value!r}"
+        return f"{name}: {error['msg']}, got {value!r}"
 
 
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+def _choices(annotation: Any) -> tuple[str, ...]:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return ()
 
 
-@dataclass(frozen=True)
-class RedisSettings:
-    """Passwords never appear in `repr()`, so settings can be logged and shown safely."""
+_frozen = pydantic_dataclasses.dataclass(frozen=True)
 
-    host: str = "127.0.0.1"
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ssl: bool = False
-    ssl_ca_certs: str | None = None
-    key_prefix: str = "orders"
 
-    def __post_init__(self) -> None:
-        PORT.check("REDIS_PORT", self.port)
-        REDIS_DB.check("REDIS_DB", self.db)
+@_frozen
+class RedisSettings(Declared):
+    """Where Redis is and how to reach it; every key and channel starts with `key_prefix`."""
+
+    host: str = setting("127.0.0.1", "REDIS_HOST", "Redis host")
+    port: Integer = setting(6379, "REDIS_PORT", "Redis port", ge=1, le=65_535)
+    # The server's `databases` setting is a C int.
+    db: Integer = setting(0, "REDIS_DB", "Redis logical database number", ge=0, le=2**31 - 1)
+    username: str | None = setting(
+        None, "REDIS_USERNAME", "Redis ACL user (Redis 6+); empty: the default user. "
+        "docker-compose creates this user and disables the default one when it is set")
+    password: SecretStr | None = setting(
+        None, "REDIS_PASSWORD",
+        "Redis password: empty for a local Redis without auth; REQUIRED for docker-compose")
+    ssl: Flag = setting(False, "REDIS_SSL", "true to connect to Redis over TLS (rediss://); "
+                        "the server certificate and host name are always verified")
+    ssl_ca_certs: str | None = setting(
+        None, "REDIS_SSL_CA_CERTS", "CA bundle (PEM) that signed the Redis server certificate "
+        "(needs REDIS_SSL=true); empty: the system CAs")
+    key_prefix: str = setting(
+        "orders", "REDIS_KEY_PREFIX", "Prefix of every Redis key and channel, e.g. "
+        "orders:ingestion (lets deployments share a Redis)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RedisSettings":
         # A CA without TLS would silently send the password in clear text.
         if self.ssl_ca_certs and not self.ssl:
-            raise ConfigError("REDIS_SSL_CA_CERTS is set but REDIS_SSL is false")
+            raise ValueError("REDIS_SSL_CA_CERTS is set but REDIS_SSL is false")
         if self.ssl_ca_certs and not os.path.isfile(self.ssl_ca_certs):
-            raise ConfigError(f"REDIS_SSL_CA_CERTS: no such file {self.ssl_ca_certs!r}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "RedisSettings":
-        return cls(
-            host=_get(env, "REDIS_HOST", "127.0.0.1"),
-            port=_int(env, "REDIS_PORT", 6379, PORT),
-            db=_int(env, "REDIS_DB", 0, REDIS_DB),
-            username=env.get("REDIS_USERNAME") or None,
-            password=env.get("REDIS_PASSWORD") or None,
-            ssl=_bool(env, "REDIS_SSL", False),
-            ssl_ca_certs=env.get("REDIS_SSL_CA_CERTS") or None,
-            key_prefix=_get(env, "REDIS_KEY_PREFIX", "orders"),
-        )
+            raise ValueError(f"REDIS_SSL_CA_CERTS: no such file {self.ssl_ca_certs!r}")
+        return self
 
 
-@dataclass(frozen=True)
-class PostgresSettings:
-    """`sslmode`/`sslrootcert` apply to Postgres and PgBouncer alike; no password in `repr()`."""
+@_frozen
+class PostgresSettings(Declared):
+    """Postgres and PgBouncer; `sslmode`/`sslrootcert` apply to both."""
 
-    host: str = "127.0.0.1"
-    port: int = 5432
-    user: str = "postgres"
-    password: str | None = field(default=None, repr=False)
-    dbname: str = "orders"
-    pgbouncer_host: str = "127.0.0.1"
-    pgbouncer_port: int = 6432
-    use_pgbouncer: bool = False
-    sslmode: str = "prefer"
-    sslrootcert: str | None = None
-
-    def __post_init__(self) -> None:
-        PORT.check("POSTGRES_PORT", self.port)
-        PORT.check("PGBOUNCER_PORT", self.pgbouncer_port)
-        if self.sslmode not in SSL_MODES:
-            raise ConfigError(f"POSTGRES_SSLMODE must be one of {', '.join(SSL_MODES)}, "
-                              f"got {self.sslmode!r}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "PostgresSettings":
-        return cls(
-            host=_get(env, "POSTGRES_HOST", "127.0.0.1"),
-            port=_int(env, "POSTGRES_PORT", 5432, PORT),
-            user=_get(env, "POSTGRES_USER", "postgres"),
-            password=env.get("POSTGRES_PASSWORD") or None,
-            dbname=_get(env, "POSTGRES_DB", "orders"),
-            pgbouncer_host=_get(env, "PGBOUNCER_HOST", "127.0.0.1"),
-            pgbouncer_port=_int(env, "PGBOUNCER_PORT", 6432, PORT),
-            use_pgbouncer=_bool(env, "USE_PGBOUNCER", False),
-            sslmode=_get(env, "POSTGRES_SSLMODE", "prefer"),
-            sslrootcert=env.get("POSTGRES_SSLROOTCERT") or None,
-        )
+    host: str = setting("127.0.0.1", "POSTGRES_HOST", "Postgres host (docker-compose "
+                        "overrides it with the service name inside the network)")
+    port: Integer = setting(5432, "POSTGRES_PORT", "Postgres port", ge=1, le=65_535)
+    user: str = setting("postgres", "POSTGRES_USER", "Postgres user")
+    password: SecretStr | None = setting(
+        None, "POSTGRES_PASSWORD", "Postgres password: empty works with local trust auth; "
+        "REQUIRED for docker-compose (set a strong one)")
+    dbname: str = setting("orders", "POSTGRES_DB",
+                          "Postgres database holding products, orders, views")
+    pgbouncer_host: str = setting("127.0.0.1", "PGBOUNCER_HOST",
+                                  "PgBouncer host (transaction pool used by the workers)")
+    pgbouncer_port: Integer = setting(6432, "PGBOUNCER_PORT", "PgBouncer port (docker-compose "
+                                      "publishes it on 127.0.0.1:6432)", ge=1, le=65_535)
+    use_pgbouncer: Flag = setting(False, "USE_PGBOUNCER", "true: workers connect through "
+                                  "PgBouncer; false: straight to Postgres")
+    sslmode: SslMode = setting(
+        "prefer", "POSTGRES_SSLMODE", "libpq sslmode for Postgres AND PgBouncer: disable, "
+        "allow, prefer (default), require, verify-ca, verify-full (TLS, CA chain and host "
+        "name checked). Dagster's own storage reads PGSSLMODE instead")
+    sslrootcert: str | None = setting(
+        None, "POSTGRES_SSLROOTCERT", "CA certificate (PEM) that signed the server "
+        "certificate, for verify-ca/verify-full; empty: libpq's default "
+        "~/.postgresql/root.crt. Dagster's own storage reads PGSSLROOTCERT instead")
 
     def conninfo(self, *, via_pgbouncer: bool | None = None) -> dict[str, object]:
         """Keyword arguments for psycopg; workers go through PgBouncer when it is enabled."""
@@ -196,46 +268,75 @@ class PostgresSettings:
         }
         if self.sslrootcert:
             params["sslrootcert"] = self.sslrootcert
-        if self.password:
-            params["password"] = self.password
+        if self.password is not None:
+            params["password"] = self.password.get_secret_value()
         return params
 
 
-@dataclass(frozen=True)
-class PipelineSettings:
-    """Tunables of the pipeline; each must lie in its `Bound` (ConfigError otherwise).
+@_frozen
+class PipelineSettings(Declared):
+    """Tunables of the pipeline (the Dagster `pipeline` resource shows the same fields)."""
 
-    Fields are named after their environment variables, which is how a refusal names them.
-    """
+    # A worker holds a whole batch in memory several times over (raw payloads, Polars frames,
+    # COPY buffer), so memory stays bounded by this.
+    batch_size: Integer = setting(5000, "BATCH_SIZE", "Orders claimed from the queue and "
+                                  "written per batch", ge=1, le=100_000)
+    # Each worker holds a Postgres (or PgBouncer) connection and a Redis connection, so more
+    # than 64 only crowds the servers.
+    worker_count: Integer = setting(2, "WORKER_COUNT", "Number of parallel worker processes "
+                                    "draining the queue", ge=1, le=64)
+    dedup_window_seconds: Integer = setting(
+        3600, "DEDUP_WINDOW_SECONDS", "How long (seconds) an order_id is remembered for "
+        "deduplication", ge=1, le=30 * DAY_SECONDS)
+    # A Redis list holds at most 2**32 - 1 elements.
+    max_queue_depth: Integer = setting(
+        1_000_000, "MAX_QUEUE_DEPTH", "Queue depth at which producers slow down or wait "
+        "(backpressure)", ge=1, le=1_000_000_000)
+    # A snapshot must outlive the time it takes to load and use it.
+    lookup_ttl_seconds: Integer = setting(
+        90_000, "LOOKUP_TTL_SECONDS", "TTL (seconds) of the lookup snapshot cached in Redis "
+        "(products, currencies, zip codes)", ge=60, le=30 * DAY_SECONDS)
+    claim_timeout_seconds: Integer = setting(
+        60, "CLAIM_TIMEOUT_SECONDS", "Seconds a silent worker keeps its in-flight batch before "
+        "other workers may reclaim it", ge=1, le=DAY_SECONDS)
+    # Kept in whole UTC days (one partition each), ten years at most.
+    raw_retention_days: Integer = setting(
+        30, "RAW_RETENTION_DAYS", "Days the raw payloads of every claimed batch are kept in "
+        "Postgres (raw_batches) for replay; older days are dropped whole", ge=1, le=3650)
 
-    batch_size: int = 5000
-    worker_count: int = 2
-    dedup_window_seconds: int = 3600
-    max_queue_depth: int = 1_000_000
-    lookup_ttl_seconds: int = 90_000
-    claim_timeout_seconds: int = 60
 
-    def __post_init__(self) -> None:
-        for name, bound in PIPELINE_BOUNDS.items():
-            bound.check(name, getattr(self, name.lower()))
+SETTINGS_CLASSES: tuple[type[Declared], ...] = (PostgresSettings, RedisSettings,
+                                                 PipelineSettings)
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "PipelineSettings":
-        defaults = cls()
-        return cls(**{name.lower(): _int(env, name, getattr(defaults, name.lower()), bound)
-                      for name, bound in PIPELINE_BOUNDS.items()})
+
+def env_bounds() -> dict[str, Bound]:
+    """Environment variable -> inclusive range, for every integer setting."""
+    return {cls.env_name(name): bound for cls in SETTINGS_CLASSES
+            for name, info in cls.declarations().items() if (bound := _bound(info))}
+
+
+# Flag and Dagster config ranges that are settings too, and one that is not.
+WORKERS = PipelineSettings.bound("worker_count")
+BATCH_SIZE = PipelineSettings.bound("batch_size")
+# Batches a worker processes before it stops (`--iterations`, `max_batches_per_worker`).
+BATCHES_PER_WORKER = Bound(1, 1_000_000)
 
 
 @dataclass(frozen=True)
 class Settings:
-    redis: RedisSettings = field(default_factory=RedisSettings)
-    postgres: PostgresSettings = field(default_factory=PostgresSettings)
-    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    """All settings of one deployment (plain frozen dataclass of the three groups)."""
+
+    redis: RedisSettings = dataclasses.field(default_factory=RedisSettings)
+    postgres: PostgresSettings = dataclasses.field(default_factory=PostgresSettings)
+    pipeline: PipelineSettings = dataclasses.field(default_factory=PipelineSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
-        return cls(
-            redis=RedisSettings.from_env(env),
-            postgres=PostgresSettings.from_env(env),
-            pipeline=PipelineSettings.from_env(env),
-        )
+        """Every group from `env`; ConfigError on the first bad variable."""
+        return cls(redis=RedisSettings.from_env(env), postgres=PostgresSettings.from_env(env),
+                   pipeline=PipelineSettings.from_env(env))
+
+    def to_env(self) -> dict[str, str]:
+        """Every variable of every group, as `from_env` reads them back."""
+        return {**self.postgres.to_env(), **self.redis.to_env(), **self.pipeline.to_env()}
+

@@ -3,7 +3,9 @@
 Dagster-free so that the CLI (`orders-pipeline stats`) and anything else can call it. The
 numbers come from one direct Postgres connection and the pooled Redis client; they are read
 one after another, not atomically, so while the pipeline runs the balance may be off by what
-moved in between.
+moved in between. `collect_stats` gives them as one JSON-ready dict; `render_stats` turns that
+into a rich renderable (header, table, sparkline) for people, `throughput_line` adds the rate
+between two snapshots for `stats --watch`.
 """
 
 import time
@@ -11,6 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import sql
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
 
 from orders_pipeline.connections import pg_connect, redis_client
 from orders_pipeline.conservation import check_conservation
@@ -70,7 +76,7 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
         "database": settings.postgres.dbname,
         "queue_depth": int(client.llen(keys.ingestion)),
         "in_flight": claimed_orders + staged_orders,
-        "in_flight_batches": claimed_batches,
+        "claimed_batches": claimed_batches,
         "claimed_orders": claimed_orders,
         "staged_batches": staged_batches,
         "staged_orders": staged_orders,
@@ -122,17 +128,17 @@ def _number(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def render_stats(stats: dict[str, Any]) -> str:
-    """The snapshot as an aligned text table, for people rather than programs."""
+def _sections(stats: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """The snapshot's numbers grouped for people: [(section title, [(label, value), ...])]."""
     balance = stats["conservation"]
     age = stats["lookup_cache_age_seconds"]
-    sections: list[tuple[str, list[tuple[str, Any]]]] = [
+    return [
         ("Queue", [
             ("queue depth", stats["queue_depth"]),
             ("max queue depth", stats["max_queue_depth"]),
             ("backpressure active", stats["backpressure_active"]),
             ("in flight (orders)", stats["in_flight"]),
-            ("claimed batches", stats["in_flight_batches"]),
+            ("claimed batches", stats["claimed_batches"]),
             ("staged batches", stats["staged_batches"]),
         ]),
         ("Redis", [
@@ -157,26 +163,46 @@ def render_stats(stats: dict[str, Any]) -> str:
             *((f"  {name.replace('_', ' ')}", balance[name]) for name in CONSERVATION_TERMS),
             ("accounted", balance["accounted"]),
             ("accepted", balance["accepted"]),
-            ("balanced", "yes" if balance["balanced"]
-             else f"NO (difference {balance['difference']:+,})"),
+            ("re-driven", balance["redriven"]),
+            ("replayed", balance["replayed"]),
+            ("balanced", Text("yes") if balance["balanced"] else
+             Text(f"NO (difference {balance['difference']:+,})", style="bold red")),
         ]),
     ]
-    label_width = max(len(label) for _, rows in sections for label, _ in rows)
-    value_width = max(len(_number(value)) for _, rows in sections for _, value in rows)
-    lines = [f"orders_pipeline stats  {stats['collected_at']}  "
-             f"(prefix {stats['key_prefix']!r}, database {stats['database']!r})"]
-    for title, rows in sections:
-        lines.append(f"\n{title}")
-        lines += [f"  {label:<{label_width}}  {_number(value):>{value_width}}"
-                  for label, value in rows]
+
+
+def stats_table(stats: dict[str, Any]) -> Table:
+    """The numbers as a rich table: section | measure | value, a blank line between sections."""
+    table = Table(box=box.SIMPLE, show_header=False, show_edge=False, pad_edge=False)
+    table.add_column("section", style="bold")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for title, rows in _sections(stats):
+        for index, (label, value) in enumerate(rows):
+            table.add_row(title if index == 0 else "", label,
+                          value if isinstance(value, Text) else _number(value),
+                          end_section=index == len(rows) - 1)
+    return table
+
+
+def render_stats(stats: dict[str, Any], throughput: str | None = None) -> Group:
+    """The snapshot for people (print it with a rich `Console`): a header line, `throughput`
+    if given (`stats --watch`; right under the header, where a short terminal never crops
+    it), the `stats_table`, orders per minute over the last hour as a sparkline and, while
+    batches are quarantined, how to list them."""
+    header = Text(f"orders_pipeline stats  {stats['collected_at']}  (prefix "
+                  f"{stats['key_prefix']!r}, database {stats['database']!r})", style="bold")
     series = _minute_series(stats)
-    lines += ["\nOrders per minute, last hour (by order time)",
-              f"  │{sparkline(series)}│ peak {max(series, default=0):,}/min"]
+    parts: list[RenderableType] = [header, *([Text(throughput)] if throughput else []), "",
+                                   stats_table(stats), "",
+                                   Text("Orders per minute, last hour (by order time)", "bold"),
+                                   Text(f"  │{sparkline(series)}│ peak "
+                                        f"{max(series, default=0):,}/min")]
     if stats["quarantined_batches"]:
-        lines.append(f"\n{stats['quarantined_batches']:,} quarantined batches hold "
-                     f"{stats['quarantined_orders']:,} orders: `orders-pipeline readmit --all "
-                     "--dry-run` lists them with their errors")
-    return "\n".join(lines)
+        parts += ["", Text(f"{stats['quarantined_batches']:,} quarantined batches hold "
+                           f"{stats['quarantined_orders']:,} orders: `orders-pipeline readmit "
+                           "--all --dry-run` lists them with their errors", style="yellow")]
+    return Group(*parts)
 
 
 def throughput_line(stats: dict[str, Any], previous: tuple[float, int] | None,

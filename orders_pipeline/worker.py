@@ -29,6 +29,8 @@ import redis
 from orders_pipeline import transform
 from orders_pipeline.connections import pg_pool, redis_client
 from orders_pipeline.faults import crash_point
+from orders_pipeline.postgres_patterns.archive import RawBatch
+from orders_pipeline.postgres_patterns.replay import is_replay_batch
 from orders_pipeline.postgres_patterns.staging import StageOutcome, StagingBatch, stage_batch
 from orders_pipeline.redis_patterns.dedup import DedupWindow
 from orders_pipeline.redis_patterns.keys import RedisKeys
@@ -228,18 +230,24 @@ class StagingWorker:
         valid, invalid = transform.validate_values(parsed.rows)
         lookups = self._fetch_lookups(transform.lookup_ids(valid))
         enriched, unknown = transform.enrich(valid, lookups)
-        tokens = [f"{batch.batch_id}:{p}" for p in enriched["batch_position"].to_list()]
-        keep = self.dedup.check_and_mark(enriched["order_id"].to_list(), tokens)
+        replay = is_replay_batch(batch.batch_id)
+        if replay:  # promotion tells which copy landed, not the dedup window
+            staged = enriched.unique(subset="order_id", keep="first", maintain_order=True)
+        else:
+            tokens = [f"{batch.batch_id}:{p}" for p in enriched["batch_position"].to_list()]
+            keep = self.dedup.check_and_mark(enriched["order_id"].to_list(), tokens)
+            staged = enriched.filter(pl.Series(keep, dtype=pl.Boolean)) if keep else enriched
         crash_point("after_dedup")
-        staged = enriched.filter(pl.Series(keep, dtype=pl.Boolean)) if keep else enriched
         rejects = pl.concat([
             parsed.rejects,
             transform.rejects_from(pl.concat([invalid, unknown]), payloads),
         ])
         duplicates = enriched.height - staged.height
+        # A replay batch's bytes are archived already, under the batch it replays.
+        raw = None if replay else RawBatch.of(payloads, self.settings.pipeline.raw_retention_days)
         with pg_pool(self.settings.postgres).connection() as conn:
             outcome = stage_batch(conn, StagingBatch(
-                batch.batch_id, len(payloads), staged, rejects, duplicates))
+                batch.batch_id, len(payloads), staged, rejects, duplicates, raw))
         crash_point("after_copy")
         self._hand_over(batch, outcome, staged)
         return BatchReport(batch.batch_id, len(payloads), duplicates, rejects.height,
@@ -260,7 +268,7 @@ class StagingWorker:
             self.queue.release([batch.batch_id])
             return
         self.queue.mark_staged(batch)
-        if outcome is StageOutcome.STAGED:
+        if outcome is StageOutcome.STAGED and not is_replay_batch(batch.batch_id):  # new orders
             self.window.add_counts(batch.batch_id, transform.orders_per_minute(staged))
 
     def _process_with_retries(self, batch: ClaimedBatch) -> BatchReport:
@@ -306,7 +314,7 @@ class StagingWorker:
                     break
                 if not waiting_for_leases:
                     log.info("queue empty; waiting for %d batch(es) other workers hold "
-                             "(next lease ends in %.1f s)", self.queue.in_flight_batches(),
+                             "(next lease ends in %.1f s)", self.queue.claimed_batches(),
                              until_expiry)
                 waiting_for_leases = True
                 time.sleep(min(until_expiry, LEASE_POLL_SECONDS))

@@ -5,7 +5,6 @@ production; set ORDERS_TEST_REQUIRE_PGBOUNCER=1 (CI does) to fail instead of fal
 """
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -19,22 +18,16 @@ from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_databa
 from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_matching
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.settings import PipelineSettings, PostgresSettings, RedisSettings, Settings
+from orders_pipeline_tests.servers import listening
 
-# The `dagit` fixture (a real `dagster dev`), shared by the webserver and browser tests.
-pytest_plugins = ["orders_pipeline_tests.dagit"]
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
+# `redis_servers` (throwaway redis-servers), and the `dagit` fixture (a real `dagster dev`),
+# shared by the webserver and browser tests.
+pytest_plugins = ["orders_pipeline_tests.servers", "orders_pipeline_tests.dagit"]
 
 
 def base_postgres() -> PostgresSettings:
     env = PostgresSettings.from_env()
-    bouncer = _port_open(env.pgbouncer_host, env.pgbouncer_port)
+    bouncer = listening(env.pgbouncer_port, env.pgbouncer_host)
     if not bouncer and os.environ.get("ORDERS_TEST_REQUIRE_PGBOUNCER") == "1":
         raise RuntimeError(f"PgBouncer is not listening on {env.pgbouncer_host}:"
                            f"{env.pgbouncer_port}")

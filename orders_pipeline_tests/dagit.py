@@ -2,23 +2,29 @@
 
 Shared by the GraphQL test and the browser test so both start Dagster the same way: its own
 DAGSTER_HOME, the test's database and key prefix, and a process group that is killed whole.
+Both reach it through `dagster_graphql.DagsterGraphQLClient` (see `Dagit`).
 """
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dagster as dg
+import gql
 import pytest
+import requests
+from dagster_graphql import DagsterGraphQLClient
+from gql.transport.exceptions import TransportError
+from gql.transport.requests import RequestsHTTPTransport
 
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.helpers import REPO, dagster_env, free_port
+from orders_pipeline_tests.helpers import REPO, dagster_env
+from orders_pipeline_tests.servers import free_port
 
 # The assets Dagster materializes, with their upstream assets.
 ASSET_LINEAGE = {
@@ -33,23 +39,34 @@ ASSET_LINEAGE = {
 }
 # External assets: others write them; Dagster shows them in the lineage and observes the queue.
 EXTERNAL_ASSETS = {"ingestion_queue": set(), "products": set(), "currencies": set(),
-                   "zip_codes": set()}
+                   "zip_codes": set(), "promoted_stream": {"promoted_orders"}}
+# Daily-partitioned, in the group `replay`: materialized a day (or a backfill) at a time,
+# never by "Materialize all" of the `orders_pipeline` group.
+REPLAY_ASSETS = {"replayed_orders": {"staged_orders"}}
+
+
+# A run in one of these states is over.
+FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE,
+            dg.DagsterRunStatus.CANCELED}
 
 
 class Dagit:
-    """A running webserver, reached over HTTP and GraphQL."""
+    """A running webserver, reached through Dagster's own GraphQL client.
+
+    `client` (`DagsterGraphQLClient`) launches runs and reads their status. Queries it has no
+    method for (asset nodes, observations, sensors, run lists) go through `graphql`: a `gql`
+    client on the same HTTP transport, the library the Dagster client is built on.
+    """
 
     def __init__(self, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
+        transport = RequestsHTTPTransport(url=f"{self.url}/graphql", timeout=30)
+        self.client = DagsterGraphQLClient("127.0.0.1", port_number=port, transport=transport)
+        self._gql = gql.Client(transport=transport)
 
     def graphql(self, query: str, variables: dict[str, object] | None = None) -> dict:
-        body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        request = urllib.request.Request(f"{self.url}/graphql", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            payload = json.loads(response.read())
-        assert "errors" not in payload, payload
-        return payload["data"]
+        """The `data` of `query` with `variables`; TransportQueryError if it has errors."""
+        return self._gql.execute(gql.GraphQLRequest(query, variable_values=variables))
 
     def wait_ready(self, process: subprocess.Popen, timeout: float = 90) -> None:
         """Until the code location has loaded its assets (the port answers earlier)."""
@@ -57,13 +74,10 @@ class Dagit:
         while time.monotonic() < deadline:
             assert process.poll() is None, "dagster dev exited early"
             try:
-                with urllib.request.urlopen(f"{self.url}/server_info", timeout=2):
-                    pass
-                data = self.graphql("{ assetNodes { assetKey { path } } }")
-                if data["assetNodes"]:
+                if self.graphql("{ assetNodes { assetKey { path } } }")["assetNodes"]:
                     return
-            except (OSError, AssertionError):
-                pass
+            except (requests.RequestException, TransportError):
+                pass  # not listening yet, or the code location is still loading
             time.sleep(1)
         raise TimeoutError("dagster dev did not answer")
 
@@ -84,17 +98,13 @@ class Dagit:
             time.sleep(1)
         raise TimeoutError(f"no observation of {asset} within {timeout} s")
 
-    def wait_run(self, run_id: str, timeout: float = 180) -> str:
+    def wait_run(self, run_id: str, timeout: float = 180) -> dg.DagsterRunStatus:
         """The run's final status, or its status when `timeout` ran out."""
         deadline = time.monotonic() + timeout
-        status = "UNKNOWN"
-        while time.monotonic() < deadline:
-            data = self.graphql("query($id: ID!) { runOrError(runId: $id) {"
-                                " ... on Run { status } } }", {"id": run_id})
-            status = data["runOrError"]["status"]
-            if status in {"SUCCESS", "FAILURE", "CANCELED"}:
-                return status
+        status = self.client.get_run_status(run_id)
+        while status not in FINISHED and time.monotonic() < deadline:
             time.sleep(1)
+            status = self.client.get_run_status(run_id)
         return status
 
 

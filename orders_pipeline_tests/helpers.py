@@ -1,34 +1,26 @@
 """Shared helpers: resources, subprocess environments and independent expectations."""
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-import dagster as dg
 import psycopg
 import redis
 from psycopg import sql
 
 from orders_pipeline import generator
-from orders_pipeline.connections import close_all, pg_connect
-from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
 from orders_pipeline.postgres_patterns.views import ROLLUPS
 from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.keys import RedisKeys
-from orders_pipeline.redis_patterns.lookup_cache import LOOKUP_TABLES, LookupCache
+from orders_pipeline.redis_patterns.lookup_cache import LOOKUP_TABLES
 from orders_pipeline.redis_patterns.queue import OrderQueue
-from orders_pipeline.resources import PostgresResource, RedisResource
+from orders_pipeline.resources import resources_for  # noqa: F401  (re-exported for tests)
 from orders_pipeline.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,121 +35,10 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60,
         time.sleep(interval)
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now, for a test's own server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@functools.cache
-def _pg_bin() -> Path:
-    """Directory of the local Postgres server binaries (initdb, pg_ctl)."""
-    return Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
-                               check=True).stdout.strip())
-
-
-class ThrowawayPostgres:
-    """A private cluster on a free loopback port (initdb + pg_ctl), for tests that crash it.
-
-    Run as the `postgres` user when the tests run as root. An immediate stop (`crash`) skips
-    the shutdown checkpoint, so the next `start` runs crash recovery, which empties every
-    UNLOGGED table: exactly what happens to `orders_staging` when a real server dies.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.data = root / "data"
-        self.port = free_port()
-        self.log = root / "postgres.log"
-        self._as = (["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else [])
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres")
-        self._run(str(_pg_bin() / "initdb"), "-D", str(self.data), "-A", "trust",
-                  "-U", "postgres", "--no-sync")
-
-    def _run(self, *args: str) -> None:
-        subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
-
-    def start(self) -> None:
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.data}"
-                   " -c max_connections=50")
-        self._run(str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o",
-                  options, "-w", "-t", "60", "start")
-
-    def crash(self) -> None:
-        """Immediate shutdown: no checkpoint, crash recovery at the next start."""
-        self._run(str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
-                  "stop")
-
-    def stop(self) -> None:
-        subprocess.run([*self._as, str(_pg_bin() / "pg_ctl"), "-D", str(self.data), "-m",
-                        "fast", "-w", "stop"], capture_output=True, timeout=60)
-
-
-@contextmanager
-def crashable_postgres(settings: Settings, rconn: redis.Redis
-                       ) -> Iterator[tuple[Settings, ThrowawayPostgres]]:
-    """`settings` moved onto a private Postgres cluster the test may crash at will.
-
-    Database `orders` with the schema applied, PgBouncer off, the lookup cache loaded under
-    the test's key prefix; the cluster is stopped and deleted at the end.
-    """
-    root = Path(tempfile.mkdtemp(prefix="op_pgcrash_"))
-    server = ThrowawayPostgres(root)
-    server.start()
-    own = dataclasses.replace(settings, postgres=dataclasses.replace(
-        settings.postgres, port=server.port, use_pgbouncer=False, dbname="orders"))
-    ensure_database(own.postgres)
-    with pg_connect(own.postgres) as conn:
-        apply_schema(conn)
-        LookupCache(rconn, RedisKeys(own.redis.key_prefix), 3600).load_snapshot(conn)
-    try:
-        yield own, server
-    finally:
-        close_all()
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """Dagster resources pointing at a test's own database and key prefix."""
-    r, p, t = settings.redis, settings.postgres, settings.pipeline
-    return {
-        "redis": RedisResource(host=r.host, port=r.port, db=r.db, username=r.username,
-                               password=r.password, ssl=r.ssl, ssl_ca_certs=r.ssl_ca_certs,
-                               key_prefix=r.key_prefix,
-                               dedup_window_seconds=t.dedup_window_seconds,
-                               max_queue_depth=t.max_queue_depth,
-                               lookup_ttl_seconds=t.lookup_ttl_seconds,
-                               claim_timeout_seconds=t.claim_timeout_seconds),
-        "postgres": PostgresResource(host=p.host, port=p.port, user=p.user,
-                                     password=p.password, dbname=p.dbname,
-                                     pgbouncer_host=p.pgbouncer_host,
-                                     pgbouncer_port=p.pgbouncer_port,
-                                     use_pgbouncer=p.use_pgbouncer, sslmode=p.sslmode,
-                                     sslrootcert=p.sslrootcert),
-    }
-
-
 def pipeline_env(settings: Settings, **overrides: str) -> dict[str, str]:
-    """Environment for a CLI or worker subprocess: the test's own database and prefix."""
-    p, r = settings.postgres, settings.redis
-    return {
-        **os.environ,
-        "POSTGRES_HOST": p.host, "POSTGRES_PORT": str(p.port), "POSTGRES_USER": p.user,
-        "POSTGRES_PASSWORD": p.password or "", "POSTGRES_DB": p.dbname,
-        "PGBOUNCER_HOST": p.pgbouncer_host, "PGBOUNCER_PORT": str(p.pgbouncer_port),
-        "USE_PGBOUNCER": "true" if p.use_pgbouncer else "false",
-        "POSTGRES_SSLMODE": p.sslmode, "POSTGRES_SSLROOTCERT": p.sslrootcert or "",
-        "REDIS_HOST": r.host, "REDIS_PORT": str(r.port), "REDIS_KEY_PREFIX": r.key_prefix,
-        "REDIS_USERNAME": r.username or "", "REDIS_PASSWORD": r.password or "",
-        "REDIS_SSL": "true" if r.ssl else "false", "REDIS_SSL_CA_CERTS": r.ssl_ca_certs or "",
-        "BATCH_SIZE": str(settings.pipeline.batch_size),
-        "WORKER_COUNT": str(settings.pipeline.worker_count),
-        "CLAIM_TIMEOUT_SECONDS": str(settings.pipeline.claim_timeout_seconds),
-        "DEDUP_WINDOW_SECONDS": str(settings.pipeline.dedup_window_seconds),
-        **overrides,
-    }
+    """Environment for a CLI or worker subprocess: every setting of `settings` (the test's own
+    database and prefix), rendered by the settings model itself."""
+    return {**os.environ, **settings.to_env(), **overrides}
 
 
 def dagster_env(settings: Settings, home: Path) -> dict[str, str]:
@@ -204,9 +85,29 @@ def push_orders(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, 
     return payloads, summary
 
 
+def is_generated_valid(payload: bytes) -> bool:
+    """True for the generator's valid orders: compact JSON (Polars' `write_ndjson`) with a
+    UUIDv7 id; its invalid ones are `json.dumps` text (`{"order_id": "bad-…`) or not JSON."""
+    return payload.startswith(b'{"order_id":"')
+
+
 def valid_order_ids(payloads: list[bytes]) -> set[str]:
-    """Ids of the generator's valid orders (its invalid ones are named `bad-…`)."""
-    return {json.loads(p)["order_id"] for p in payloads if p.startswith(b'{"order_id":"ord-')}
+    """Ids of the generator's valid orders."""
+    return {json.loads(p)["order_id"] for p in payloads if is_generated_valid(p)}
+
+
+def expire_leases(client: redis.Redis, keys: RedisKeys) -> int:
+    """Make every claimed batch's lease run out now, instead of sleeping until it does.
+
+    Sets each deadline in `{P}:inflight` to 0 (ms, Redis clock), as `OrderQueue.requeue`
+    does, so the next `reclaim_expired` or drain takes the batches over at once, as if
+    their workers had died a lease ago. Batches released meanwhile are not re-added (XX).
+    Returns how many leases ran out.
+    """
+    batch_ids = client.zrange(keys.inflight, 0, -1)
+    if batch_ids:
+        client.zadd(keys.inflight, dict.fromkeys(batch_ids, 0), xx=True)
+    return len(batch_ids)
 
 
 def assert_exactly_once(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
@@ -216,7 +117,7 @@ def assert_exactly_once(settings: Settings, rconn: redis.Redis, pg: psycopg.Conn
     ids = [r[0] for r in pg.execute("SELECT order_id FROM orders")]
     assert len(ids) == len(set(ids))
     assert set(ids) == expected, (len(ids), len(expected))
-    invalid = sorted(p for p in payloads if not p.startswith(b'{"order_id":"ord-'))
+    invalid = sorted(p for p in payloads if not is_generated_valid(p))
     rejected = sorted(bytes(r[0]) for r in pg.execute("SELECT raw_payload FROM orders_rejected"))
     assert rejected == invalid
     assert pg.execute("SELECT count(*) FROM orders_staging").fetchone()[0] == 0

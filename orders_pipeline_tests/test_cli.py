@@ -4,10 +4,15 @@ Most commands run in-process through `main()` with the test's database and key p
 environment; a few run as real subprocesses to check exit codes and the one-line errors.
 """
 
+import contextlib
 import json
 import os
+import pty
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,6 +31,7 @@ from orders_pipeline.settings import Settings
 from orders_pipeline.stats import throughput_line
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("orders-pipeline")
+TERMINAL_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -77,6 +83,15 @@ def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("orders-pipeline: error: "), err
+    return lines[0]
+
+
+def one_usage_line(err: str, command: str) -> str:
+    """The single stderr line of a usage error of `command`, which points at its --help."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"orders-pipeline {command}: error: "), err
+    assert lines[0].endswith(f" (see `orders-pipeline {command} --help`)"), err
     return lines[0]
 
 
@@ -194,12 +209,56 @@ def test_bad_arguments_and_config(cli_env: Path, monkeypatch: pytest.MonkeyPatch
     code, _, err = run(capsys, "generate", "--count", "10", "--duplicates", "0.6",
                        "--invalid", "0.5")
     assert code != 0 and "fractions" in one_error_line(err)
-    with pytest.raises(SystemExit) as usage:
-        main(["generate", "--count", "0"])
-    assert usage.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    code, out, err = run(capsys, "generate", "--count", "0")
+    assert code == 2 and out == "" and one_usage_line(err, "generate") == (
+        "orders-pipeline generate: error: Invalid value for '--count': 0 is not in the range "
+        "x>=1. (see `orders-pipeline generate --help`)")
     monkeypatch.setenv("BATCH_SIZE", "lots")
     code, _, err = run(capsys, "stats")
     assert code != 0 and "BATCH_SIZE" in one_error_line(err)
+
+
+def test_stats_watch_redraws_until_ctrl_c(cli_env: Path) -> None:
+    """At a terminal, `stats --watch` redraws the stats in place every --interval seconds,
+    each time with a throughput line (a rate from the second one on); Ctrl-C ends it, exit 0,
+    nothing on stderr, the last picture left on screen."""
+    controller, terminal = pty.openpty()
+    watch = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "stats", "--watch", "--interval", "0.2"], stdout=terminal,
+        stderr=subprocess.PIPE, env={**os.environ, "TERM": "xterm", "COLUMNS": "120",
+                                     "LINES": "100"})
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def read_terminal() -> None:  # until the program exits (EIO), so it never blocks writing
+        with contextlib.suppress(OSError):
+            while chunk := os.read(controller, 1 << 16):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while b"".join(chunks).count(b"/min") < 3:  # the last line of a picture: 3 complete
+            assert time.monotonic() < deadline, b"".join(chunks)
+            time.sleep(0.05)
+    finally:
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=30)
+        reader.join(timeout=30)
+        os.close(controller)
+    assert watch.returncode == 0 and err == b"", err
+    text = TERMINAL_CONTROL.sub("", b"".join(chunks).decode())
+    # Three pictures drawn while watching, maybe one cut short by Ctrl-C, then the last one.
+    frames = text.split("orders_pipeline stats  ")[1:]
+    assert len(frames) >= 4, text
+    assert "throughput: measuring…  (every 0.2 s, Ctrl-C to stop)" in frames[0]
+    for frame in [*frames[1:3], frames[-1]]:
+        assert re.search(r"^throughput: [0-9,]+ orders/s into orders \| lag: none \(all caught "
+                         r"up\) \| backpressure off  \(every 0\.2 s", frame, re.MULTILINE), frame
+    for frame in [*frames[:3], frames[-1]]:
+        for row in ("queue depth", "orders rows", "sales_hourly rows", "balanced", "peak "):
+            assert row in frame, frame
 
 
 def test_watch_line_shows_throughput_lag_and_backpressure() -> None:

@@ -9,6 +9,7 @@ server errors are still retried with backoff.
 
 import contextlib
 import io
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 import dagster as dg
@@ -36,26 +38,25 @@ from orders_pipeline.definitions import defs
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
+from orders_pipeline.resources import PipelineResource
 from orders_pipeline.settings import (
     BATCH_SIZE,
     BATCHES_PER_WORKER,
-    PIPELINE_BOUNDS,
-    PORT,
-    REDIS_DB,
     WORKERS,
     Bound,
     ConfigError,
+    PipelineSettings,
     Settings,
+    env_bounds,
 )
 from orders_pipeline_tests.helpers import REPO, pipeline_env, push_orders, resources_for
+from orders_pipeline_tests.servers import RedisServer
 from orders_pipeline_tests.test_cli import CONSOLE_SCRIPT
-from orders_pipeline_tests.test_redis_restart import RedisServer
 
 RETRIED = {"STEP_UP_FOR_RETRY", "STEP_RESTARTED"}
 CONFIG_BOUNDS = {"workers": WORKERS, "batch_size": BATCH_SIZE,
                  "max_batches_per_worker": BATCHES_PER_WORKER}
-ENV_BOUNDS = {**PIPELINE_BOUNDS, "POSTGRES_PORT": PORT, "PGBOUNCER_PORT": PORT,
-              "REDIS_PORT": PORT, "REDIS_DB": REDIS_DB}
+ENV_BOUNDS = env_bounds()
 FLAG_BOUNDS = {"--workers": WORKERS, "--batch-size": BATCH_SIZE,
                "--iterations": BATCHES_PER_WORKER}
 
@@ -129,7 +130,7 @@ def test_zero_workers_and_batch_size_are_refused_and_orders_stay_queued(
     assert ("bad config: workers must be an integer from 1 to 64, got 0; "
             "batch_size must be an integer from 1 to 100000, got 0.") in description
     queue = OrderQueue(rconn, keys)
-    assert queue.depth() == 10_000 and queue.in_flight_batches() == 0
+    assert queue.depth() == 10_000 and queue.claimed_batches() == 0
     assert pg.execute("SELECT count(*) FROM orders_staging").fetchone()[0] == 0
 
 
@@ -142,8 +143,7 @@ def test_a_run_that_claims_nothing_while_orders_wait_fails(
     resources = resources_for(settings)
     body = staged_orders.op.compute_fn.decorated_fn  # a direct call would validate the config
     with pytest.raises(dg.Failure) as refused:
-        body(dg.build_asset_context(), config=unchecked, redis=resources["redis"],
-             postgres=resources["postgres"])
+        body(dg.build_asset_context(), config=unchecked, **resources)
     assert not refused.value.allow_retries
     assert refused.value.description.startswith(
         "staged_orders: claimed nothing while 2000 orders wait (workers=1, batch_size=500, "
@@ -162,10 +162,15 @@ def test_env_var_out_of_range_is_one_cli_line(settings: Settings) -> None:
 
 def test_env_var_out_of_range_fails_the_asset_once(
         settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, keys: RedisKeys) -> None:
+    """The `pipeline` resource reads BATCH_SIZE when the run starts (`EnvVar`, as
+    `resources_from_env` configures it): out of range there, the step is refused once."""
     push_orders(settings, rconn, pg, 1_000, batch_size=1_000)
+    resources = {**resources_for(settings),
+                 "pipeline": PipelineResource(batch_size=dg.EnvVar.int("BATCH_SIZE"))}
     with mock.patch.dict(os.environ, {"BATCH_SIZE": "-5"}), \
             instance_with_run_retries() as instance:
-        result = materialize_staging(settings, instance, {})
+        result = dg.materialize([staged_orders], resources=resources, instance=instance,
+                                raise_on_error=False)
         description = assert_refused_once(instance, result)
     assert description.startswith("staged_orders: ConfigError: BATCH_SIZE must be an integer "
                                   "from 1 to 100000, got -5. Not retried")
@@ -192,7 +197,7 @@ def test_missing_schema_and_empty_lookup_table_are_not_retried(
 
 def test_transient_redis_outage_is_still_retried_with_backoff(
         settings: Settings, tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)  # not started yet: the first attempt finds Redis down
+    server = RedisServer(directory=tmp_path)  # not started: the first attempt finds Redis down
     down = replace(settings, redis=replace(settings.redis, port=server.port))
     try:
         with dg.instance_for_test() as instance:
@@ -300,35 +305,82 @@ def test_generated_bad_env_vars_are_one_cli_line(case: tuple[str, str]) -> None:
     assert stderr.getvalue() == f"orders-pipeline: error: bad configuration: {refused.value}\n"
 
 
-@hypothesis_settings(max_examples=200, deadline=None)
-@given(st.sampled_from(sorted(FLAG_BOUNDS)).flatmap(
-    lambda flag: st.tuples(st.just(flag), st.one_of(out_of_range(FLAG_BOUNDS[flag]).map(str),
-                                                    not_an_integer()))))
-def test_generated_bad_flags_are_one_line(case: tuple[str, str]) -> None:
-    flag, raw = case
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as usage:
-        cli.build_parser().parse_args(["process", f"{flag}={raw}"])
-    assert usage.value.code == 2
-    bound = FLAG_BOUNDS[flag]
-    assert stderr.getvalue() == (
-        f"orders-pipeline process: error: argument {flag}: must be an integer from "
-        f"{bound.span()}, got {raw!r} (see `orders-pipeline process --help`)\n")
+def not_a_finite_number() -> st.SearchStrategy[str]:
+    def unreadable(text: str) -> bool:
+        try:
+            return not math.isfinite(float(text))
+        except ValueError:
+            return True
+    text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+    return st.one_of(text, st.sampled_from(["nan", "-NaN", "inf", "+Infinity", "1e999", "ten",
+                                            "0,5", "1/2", ""])).filter(unreadable)
+
+
+class BoundedOption(NamedTuple):
+    """A bounded CLI option: its command, click's words for its range, values outside the
+    range and values that are no (finite) number at all."""
+
+    command: str
+    range: str
+    outside: st.SearchStrategy[str]
+    garbage: st.SearchStrategy[str]
+
+
+_FRACTION_OUTSIDE = st.one_of(st.floats(max_value=0, exclude_max=True), st.floats(min_value=1))
+BOUNDED_OPTIONS = {
+    **{flag: BoundedOption("process", f"{bound.minimum}<=x<={bound.maximum}",
+                           out_of_range(bound).map(str), not_an_integer())
+       for flag, bound in FLAG_BOUNDS.items()},
+    "--count": BoundedOption("generate", "x>=1", st.integers(max_value=0).map(str),
+                             not_an_integer()),
+    "--grace": BoundedOption("process", "x>0", st.floats(max_value=0).map(str),
+                             not_a_finite_number()),
+    "--interval": BoundedOption("stats", "x>0", st.floats(max_value=0).map(str),
+                                not_a_finite_number()),
+    "--duplicates": BoundedOption("generate", "0<=x<1", _FRACTION_OUTSIDE.map(str),
+                                  not_a_finite_number()),
+    "--invalid": BoundedOption("generate", "0<=x<1", _FRACTION_OUTSIDE.map(str),
+                               not_a_finite_number()),
+}
+# Were a bad value let through, the command would fail to reach these (exit 1), not run.
+NO_SERVERS = {"POSTGRES_PORT": "1", "PGBOUNCER_PORT": "1", "REDIS_PORT": "1"}
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(flag=st.sampled_from(sorted(BOUNDED_OPTIONS)), outside=st.booleans(), data=st.data())
+def test_generated_bad_option_values_are_one_usage_line(flag: str, outside: bool,
+                                                        data: st.DataObject) -> None:
+    """Out of range or not a number: exit 2 and one stderr line that names the option (and,
+    for a number out of range, the range) and points at the command's --help."""
+    option = BOUNDED_OPTIONS[flag]
+    raw = data.draw(option.outside if outside else option.garbage, label="value")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, NO_SERVERS), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        code = cli.main([option.command, f"{flag}={raw}"])
+    assert code == 2 and stdout.getvalue() == ""
+    (line,) = stderr.getvalue().splitlines()
+    assert line.startswith(f"orders-pipeline {option.command}: error: Invalid value for "
+                           f"'{flag}': "), line
+    assert line.endswith(f" (see `orders-pipeline {option.command} --help`)"), line
+    if outside:
+        assert f" is not in the range {option.range}. (see " in line, line
 
 
 def test_flags_env_vars_and_config_share_one_set_of_bounds() -> None:
-    parser = cli.build_parser()
+    process = cli.main.commands["process"]
     for flag, bound in FLAG_BOUNDS.items():
         for good in (bound.minimum, bound.maximum):
-            args = parser.parse_args(["process", f"{flag}={good}"])
-            assert getattr(args, flag[2:].replace("-", "_")) == good
+            params = process.make_context("process", [f"{flag}={good}"]).params
+            assert params[flag[2:].replace("-", "_")] == good
     for name, bound in CONFIG_BOUNDS.items():
         for good in (bound.minimum, bound.maximum):
             assert getattr(StagingConfig(**{name: good}), name) == good
         assert bound.span() in StagingConfig.model_fields[name].description
-    for name, bound in PIPELINE_BOUNDS.items():
+    for field in PipelineSettings.declarations():
+        name, bound = PipelineSettings.env_name(field), PipelineSettings.bound(field)
         for good in (bound.minimum, bound.maximum):
-            assert getattr(Settings.from_env({name: str(good)}).pipeline, name.lower()) == good
+            assert getattr(Settings.from_env({name: str(good)}).pipeline, field) == good
 
 
 def test_importing_the_assets_with_a_bad_env_var_does_not_crash() -> None:

@@ -2,8 +2,9 @@
 
 Each test SIGKILLs a real `orders-pipeline` process at a named crash point (set through
 ORDERS_PIPELINE_CRASH_AT, see orders_pipeline/faults.py), then recovers the way an operator
-or the next scheduled run would: `process` again once the dead worker's lease has expired,
-then `promote`. Nothing may be missing and nothing doubled.
+or the next scheduled run would: `process` again once the dead worker's lease has expired
+(made to expire at once: `expire_leases`), then `promote`. Nothing may be missing and nothing
+doubled.
 """
 
 import os
@@ -20,7 +21,13 @@ import redis
 from orders_pipeline.faults import CRASH_ENV, CRASH_POINTS
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.helpers import REPO, assert_exactly_once, pipeline_env, push_orders
+from orders_pipeline_tests.helpers import (
+    REPO,
+    assert_exactly_once,
+    expire_leases,
+    pipeline_env,
+    push_orders,
+)
 
 CLI = [sys.executable, "-m", "orders_pipeline"]
 LEASE_SECONDS = 1
@@ -37,10 +44,11 @@ def run_cli(settings: Settings, *args: str, crash_at: str | None = None,
 
 
 def recover(settings: Settings, rconn: redis.Redis) -> None:
-    """What the next run does: wait out dead leases, stage what is left, promote, until done."""
+    """What the next run does once dead leases ran out (forced, not waited for): stage what
+    is left, promote, until done."""
     keys = RedisKeys(settings.redis.key_prefix)
     for _ in range(10):
-        time.sleep(LEASE_SECONDS + 0.5)
+        expire_leases(rconn, keys)
         for command in (("process", "--workers", "1"), ("promote",)):
             result = run_cli(settings, *command)
             assert result.returncode == 0, result.stderr

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from orders_pipeline.assets import catalog, lookup, orders, queue, views
+from orders_pipeline.assets import catalog, fanout, lookup, orders, queue, views
 from orders_pipeline.assets.tables import ORDERS_SCHEMA, REJECTED_SCHEMA, STAGING_SCHEMA
 from orders_pipeline.definitions import defs
 from orders_pipeline.redis_patterns.keys import RedisKeys
@@ -34,7 +34,7 @@ from orders_pipeline_tests.helpers import push_orders, resources_for
 QUEUE = dg.AssetKey("ingestion_queue")
 WAIT = dg.AssetCheckKey(QUEUE, "orders_wait_within_limit")
 LIMIT = timedelta(seconds=1)
-PAST_LIMIT_SECONDS = 1.2  # sleeps here only outwait LIMIT (the Redis clock dates the queue)
+PAST_LIMIT_SECONDS = 1.2  # how far `age` moves the dates back: past LIMIT, without a sleep
 
 
 def _now_ms(client: redis.Redis) -> int:
@@ -138,6 +138,28 @@ def test_oldest_wait_matches_a_model_of_the_queue(rconn: redis.Redis, keys: Redi
 # --- the observation sensor and the queue's checks ------------------------------------------
 
 
+def age(rconn: redis.Redis, keys: RedisKeys, pg: psycopg.Connection, seconds: float) -> None:
+    """Date everything the wait check reads `seconds` earlier, as if that long had passed.
+
+    The queue's marks (member: when, in ms by the Redis clock, '%015d'; score: orders that
+    had entered by then), the staged batches' staging times (score, ms) and the promotions'
+    `promoted_at` (Postgres): the check sees the same ages as after sleeping `seconds`.
+    """
+    ms = round(seconds * 1000)
+    marks = rconn.zrange(keys.queue_marks, 0, -1, withscores=True)
+    staged = rconn.zrange(keys.staged, 0, -1, withscores=True)
+    pipe = rconn.pipeline(transaction=True)
+    pipe.delete(keys.queue_marks)
+    if marks:
+        pipe.zadd(keys.queue_marks, {f"{int(when) - ms:015d}": entered
+                                     for when, entered in marks})
+    if staged:
+        pipe.zadd(keys.staged, {batch: at - ms for batch, at in staged}, xx=True)
+    pipe.execute()
+    pg.execute("UPDATE promotions SET promoted_at = promoted_at - make_interval(secs => %s)",
+               [seconds])
+
+
 def _tick(monitor: queue.QueueMonitor, instance: dg.DagsterInstance,
           settings: Settings) -> tuple[dg.AssetObservation, dict[str, dg.AssetCheckEvaluation]]:
     """One tick of the observation sensor, its events stored as the daemon stores them."""
@@ -173,12 +195,12 @@ def _ingest(settings: Settings, instance: dg.DagsterInstance,
 
 
 def test_stalled_queue_fails_the_wait_check_until_a_run_drains_it(
-        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection) -> None:
+        settings: Settings, rconn: redis.Redis, keys: RedisKeys, pg: psycopg.Connection) -> None:
     instance = dg.DagsterInstance.ephemeral()
     monitor = queue.queue_monitor(LIMIT)
     # The completion sensor is off: nobody ticks it, and 10,000 orders wait.
     push_orders(settings, rconn, pg, 10_000, batch_size=2_000)
-    time.sleep(PAST_LIMIT_SECONDS)
+    age(rconn, keys, pg, PAST_LIMIT_SECONDS)
 
     observed, checks = _tick(monitor, instance, settings)
     seen = _values(observed.metadata)
@@ -218,11 +240,11 @@ def test_stalled_queue_fails_the_wait_check_until_a_run_drains_it(
 
 
 def test_lagging_promotion_warns_and_staged_batches_wait_too(
-        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection) -> None:
+        settings: Settings, rconn: redis.Redis, keys: RedisKeys, pg: psycopg.Connection) -> None:
     instance = dg.DagsterInstance.ephemeral()
     monitor = queue.queue_monitor(LIMIT)
     push_orders(settings, rconn, pg, 6_000, batch_size=2_000)
-    time.sleep(PAST_LIMIT_SECONDS)
+    age(rconn, keys, pg, PAST_LIMIT_SECONDS)
     # A run that takes one batch: promotion goes on, but the others still wait too long.
     one_batch = dg.RunConfig(ops={"staged_orders": orders.StagingConfig(
         workers=1, batch_size=2_000, max_batches_per_worker=1)})
@@ -240,7 +262,7 @@ def test_lagging_promotion_warns_and_staged_batches_wait_too(
         run_config=dg.RunConfig(ops={"staged_orders": orders.StagingConfig(
             workers=1, batch_size=2_000)}))
     assert staged.success
-    time.sleep(PAST_LIMIT_SECONDS)
+    age(rconn, keys, pg, PAST_LIMIT_SECONDS)  # the last promotion, too, is that long ago
     observed, checks = _tick(monitor, instance, settings)
     seen, found = _values(observed.metadata), _values(checks["orders_wait_within_limit"].metadata)
     assert (seen["queue_depth"], seen["staged_batches"], seen["in_flight_batches"]) == (0, 2, 2)
@@ -252,13 +274,14 @@ def test_lagging_promotion_warns_and_staged_batches_wait_too(
 # --- the catalog --------------------------------------------------------------------------
 
 
-REDIS_ASSETS = {"ingestion_queue": "{P}:ingestion", "lookup_cache": "{P}:lookup:*"}
+REDIS_ASSETS = {"ingestion_queue": "{P}:ingestion", "lookup_cache": "{P}:lookup:*",
+                "promoted_stream": "{P}:promoted"}
 
 
 def _catalog(settings: RedisSettings) -> dict[str, dg.AssetSpec]:
     assets = [queue.INGESTION_QUEUE, *lookup.LOOKUP_TABLE_SPECS, lookup.lookup_cache,
               orders.staged_orders, orders.promoted_orders, views.sales_hourly,
-              views.product_performance_daily]
+              views.product_performance_daily, fanout.PROMOTED_STREAM]
     rendered = dg.map_asset_specs(catalog.rendered(settings), assets)
     return {s.key.to_user_string(): s for a in rendered
             for s in ([a] if isinstance(a, dg.AssetSpec) else a.specs)}

@@ -19,11 +19,12 @@ from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.sensors import completion_signal_sensor
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS
+from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS, REPLAY_ASSETS
 from orders_pipeline_tests.helpers import (
     REPO,
     dagster_env,
     expected_orders,
+    is_generated_valid,
     push_orders,
     resources_for,
     valid_order_ids,
@@ -52,18 +53,19 @@ def test_definitions_load_and_validate(settings: Settings, tmp_path: Path) -> No
     graph = defs.resolve_asset_graph()
     upstream = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
                 for k in graph.get_all_asset_keys()}
-    assert upstream == {**ASSET_LINEAGE, **EXTERNAL_ASSETS}
+    assert upstream == {**ASSET_LINEAGE, **EXTERNAL_ASSETS, **REPLAY_ASSETS}
     assert {k.to_user_string() for k in graph.get_all_asset_keys()
             if not graph.get(k).is_materializable} == set(EXTERNAL_ASSETS)
     repository = defs.get_repository_def()
     assert not repository.schedule_defs  # automation conditions replaced the schedules
     assert {s.name for s in repository.sensor_defs} == {
-        "completion_signal_sensor", "queue_observation_sensor",
+        "completion_signal_sensor", "queue_observation_sensor", "lookup_sources_sensor",
+        "promoted_stream_observation_sensor",
         "default_automation_condition_sensor"}
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING
                for s in repository.sensor_defs)
     assert [j.name for j in repository.get_all_jobs() if not j.name.startswith("__")] == [
-        "ingest_orders"]
+        "backup", "ingest_orders", "redrive_rejected"]
     result = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -112,7 +114,7 @@ def test_dg_check_and_list_defs_show_the_configured_prefix(settings: Settings,
     found = json.loads(listed.stdout)
     assets = {a["asset_key"]: a for a in found["assets"]}
     assert {k: set(a["dependency_keys"]) for k, a in assets.items()} == {
-        **ASSET_LINEAGE, **EXTERNAL_ASSETS}
+        **ASSET_LINEAGE, **EXTERNAL_ASSETS, **REPLAY_ASSETS}
     assert {k for k, a in assets.items() if not a["is_executable"]} == set(EXTERNAL_ASSETS)
     assert not any("{P}" in (a["description"] or "") for a in assets.values())
     assert "the Redis list `{shop7}:ingestion`" in assets["ingestion_queue"]["description"]
@@ -121,9 +123,11 @@ def test_dg_check_and_list_defs_show_the_configured_prefix(settings: Settings,
         "Redis keys start with `{shop7}`, the `REDIS_KEY_PREFIX` this code location loaded "
         "with.")
     assert {s["name"] for s in found["sensors"]} == {
-        "completion_signal_sensor", "queue_observation_sensor",
+        "completion_signal_sensor", "queue_observation_sensor", "lookup_sources_sensor",
+        "promoted_stream_observation_sensor",
         "default_automation_condition_sensor"}
-    assert found["schedules"] == [] and [j["name"] for j in found["jobs"]] == ["ingest_orders"]
+    assert found["schedules"] == [] and [j["name"] for j in found["jobs"]] == [
+        "backup", "ingest_orders", "redrive_rejected"]
 
 
 def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
@@ -146,7 +150,7 @@ def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
     assert stored == {oid: expected[oid] for oid in valid_ids}
 
     rejected = pg.execute("SELECT raw_payload, reason FROM orders_rejected").fetchall()
-    bad_payloads = sorted(p for p in payloads if not p.startswith(b'{"order_id":"ord-'))
+    bad_payloads = sorted(p for p in payloads if not is_generated_valid(p))
     assert sorted(bytes(r[0]) for r in rejected) == bad_payloads
     assert all(r[1] for r in rejected)
 

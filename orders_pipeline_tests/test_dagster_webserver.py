@@ -11,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import psycopg
 import pytest
 
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS, Dagit
+from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS, REPLAY_ASSETS, Dagit
 from orders_pipeline_tests.helpers import REPO, dagster_env, pipeline_env
 
 
@@ -43,8 +44,8 @@ def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Setti
                           " groupName repository { name location { name } } } }")["assetNodes"]
     lineage = {"/".join(n["assetKey"]["path"]): {"/".join(d["path"]) for d in n["dependencyKeys"]}
                for n in nodes}
-    assert lineage == {**ASSET_LINEAGE, **EXTERNAL_ASSETS}
-    assert {n["groupName"] for n in nodes} == {"orders_pipeline"}
+    assert lineage == {**ASSET_LINEAGE, **EXTERNAL_ASSETS, **REPLAY_ASSETS}
+    assert {n["groupName"] for n in nodes} == {"orders_pipeline", "replay"}
     location = nodes[0]["repository"]["location"]["name"]
     instigators = dagit.graphql(
         """query($r: RepositorySelector!) {
@@ -56,7 +57,8 @@ def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Setti
     sensors = instigators["sensorsOrError"]["results"]
     assert {s["name"]: s["sensorState"]["status"] for s in sensors} == {
         "completion_signal_sensor": "RUNNING", "queue_observation_sensor": "RUNNING",
-        "default_automation_condition_sensor": "RUNNING"}
+        "promoted_stream_observation_sensor": "RUNNING",
+        "lookup_sources_sensor": "RUNNING", "default_automation_condition_sensor": "RUNNING"}
     assert instigators["schedulesOrError"]["results"] == []
 
     # Before any run: the daemon observes the queue (2,000 orders wait) and checks it.
@@ -71,17 +73,11 @@ def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Setti
     assert {"waited_seconds", "verdict"} <= {
         m["label"] for m in executions[0]["evaluation"]["metadataEntries"]}
 
-    launched = dagit.graphql(
-        """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
-             __typename ... on LaunchRunSuccess { run { runId } }
-             ... on PythonError { message } } }""",
-        {"params": {"selector": {
-            "repositoryLocationName": location, "repositoryName": "__repository__",
-            "jobName": "__ASSET_JOB",
-            "assetSelection": [{"path": [k]} for k in ASSET_LINEAGE]},
-            "runConfigData": {}}})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    assert dagit.wait_run(launched["run"]["runId"]) == "SUCCESS"
+    # "Materialize all": the assets' job with every materializable asset selected.
+    run_id = dagit.client.submit_job_execution(
+        "__ASSET_JOB", repository_location_name=location, repository_name="__repository__",
+        run_config={}, asset_selection=list(ASSET_LINEAGE))
+    assert dagit.wait_run(run_id) == dg.DagsterRunStatus.SUCCESS
 
     # Producer side through the CLI: the signal reaches the sensor, which runs the ingest job.
     env = dagster_env(settings, tmp_path / "cli-home")

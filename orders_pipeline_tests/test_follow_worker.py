@@ -35,6 +35,7 @@ from orders_pipeline.settings import Settings
 from orders_pipeline.worker import StagingWorker, StopRequest
 from orders_pipeline_tests.helpers import (
     assert_exactly_once,
+    expire_leases,
     fresh_example,
     pipeline_env,
     push_orders,
@@ -188,7 +189,7 @@ def test_sigterm_past_the_grace_period_leaves_the_batch_leased(
     assert staged_batches(rconn, keys) == 0
     assert pg.execute("SELECT count(*) FROM ingest_batches").fetchone()[0] == 0
     marker.unlink()
-    rconn.zadd(keys.inflight, dict.fromkeys(held, 0))  # the leases run out now
+    assert expire_leases(rconn, keys) == len(held)
     stats = pipeline.stage_queue(settings, workers=1, batch_size=BATCH)
     assert (stats.batches, stats.reclaimed_batches) == (3, workers)
     pipeline.promote_staged(settings)
@@ -253,7 +254,7 @@ def test_a_stop_at_any_point_of_a_batch_loses_nothing(
         assert (stats.batches, len(stats.left_in_flight)) == (0, 1)
         assert held == stats.left_in_flight
         marker.unlink()
-        rconn.zadd(keys.inflight, dict.fromkeys(held, 0))
+        assert expire_leases(rconn, keys) == len(held)
     else:
         assert (stats.batches, stats.claimed, stats.left_in_flight) == (1, size, [])
         assert held == []

@@ -23,17 +23,16 @@ from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.settings import Settings
 from orders_pipeline_tests.helpers import (
     REPO,
-    ThrowawayPostgres,
     assert_exactly_once,
-    crashable_postgres,
     pipeline_env,
     push_orders,
 )
+from orders_pipeline_tests.servers import PostgresServer, crashable_postgres
 
 
 @pytest.fixture
 def crashable(settings: Settings, rconn: redis.Redis) -> Iterator[
-        tuple[Settings, ThrowawayPostgres]]:
+        tuple[Settings, PostgresServer]]:
     """Settings whose Postgres is a private cluster this test may crash at will."""
     with crashable_postgres(settings, rconn) as pair:
         yield pair
@@ -56,7 +55,7 @@ def _finish(settings: Settings) -> None:
             return
 
 
-def test_crash_between_staging_and_promotion(crashable: tuple[Settings, ThrowawayPostgres],
+def test_crash_between_staging_and_promotion(crashable: tuple[Settings, PostgresServer],
                                              rconn: redis.Redis) -> None:
     settings, server = crashable
     with _connect(settings) as pg:
@@ -84,7 +83,7 @@ def test_crash_between_staging_and_promotion(crashable: tuple[Settings, Throwawa
 
 
 @pytest.mark.parametrize("point", ["mid_copy", "after_copy", "mid_promotion"])
-def test_crash_at_exact_point(crashable: tuple[Settings, ThrowawayPostgres],
+def test_crash_at_exact_point(crashable: tuple[Settings, PostgresServer],
                               rconn: redis.Redis, tmp_path: Path, point: str) -> None:
     """A worker (or promoter) process is paused at `point`; Postgres dies right there."""
     settings, server = crashable

@@ -40,15 +40,14 @@ from orders_pipeline.settings import Settings
 from orders_pipeline.stats import collect_stats
 from orders_pipeline_tests.helpers import (
     REPO,
-    ThrowawayPostgres,
     assert_exactly_once,
-    crashable_postgres,
     dagster_env,
     fresh_example,
     pipeline_env,
     push_orders,
     resources_for,
 )
+from orders_pipeline_tests.servers import PostgresServer, crashable_postgres
 
 CLI = [sys.executable, "-m", "orders_pipeline"]
 LEASE_SECONDS = 3
@@ -64,7 +63,7 @@ EXAMPLES = int(os.environ.get("ORDERS_RECOVERY_EXAMPLES", "3"))
 
 @pytest.fixture
 def crashable(settings: Settings, rconn: redis.Redis) -> Iterator[
-        tuple[Settings, ThrowawayPostgres]]:
+        tuple[Settings, PostgresServer]]:
     """The test's settings on a private Postgres cluster it may crash, with short leases."""
     with crashable_postgres(short_leases(settings), rconn) as pair:
         yield pair
@@ -223,7 +222,7 @@ def test_drain_waits_for_a_dead_workers_lease(settings: Settings, rconn: redis.R
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     queue = OrderQueue(rconn, keys)
-    assert (queue.depth(), queue.in_flight_batches()) == (2000, 1)
+    assert (queue.depth(), queue.claimed_batches()) == (2000, 1)
     lease_left = queue.seconds_until_lease_expiry()
     assert lease_left is not None and lease_left > 1.0  # the queue empties before it ends
 
@@ -234,7 +233,7 @@ def test_drain_waits_for_a_dead_workers_lease(settings: Settings, rconn: redis.R
     assert (stats.batches, stats.reclaimed_batches, stats.claimed) == (3, 1, 3000)
     assert took >= lease_left - 0.05
     books = collect_stats(settings)
-    assert (books["queue_depth"], books["in_flight_batches"], books["claimed_orders"]) \
+    assert (books["queue_depth"], books["claimed_batches"], books["claimed_orders"]) \
         == (0, 0, 0)
     assert (books["staged_batches"], books["staged_orders"]) == (3, 3000)
     pipeline.promote_staged(settings)
@@ -276,7 +275,7 @@ def test_workers_finish_a_killed_siblings_batch(settings: Settings, rconn: redis
     assert isinstance(error, pipeline.WorkerFailed)
     assert f"exited with code {-signal.SIGKILL}" in str(error)
     queue = OrderQueue(rconn, keys)
-    assert (queue.depth(), queue.in_flight_batches(), len(queue.staged_batch_ids())) \
+    assert (queue.depth(), queue.claimed_batches(), len(queue.staged_batch_ids())) \
         == (0, 0, 4)
     pipeline.promote_staged(settings)
     assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == summary["unique_valid"]
@@ -287,7 +286,7 @@ def test_workers_finish_a_killed_siblings_batch(settings: Settings, rconn: redis
 
 
 def test_postgres_crash_between_staging_and_promotion_recovers_by_itself(
-        crashable: tuple[Settings, ThrowawayPostgres], rconn: redis.Redis) -> None:
+        crashable: tuple[Settings, PostgresServer], rconn: redis.Redis) -> None:
     settings, server = crashable
     keys = RedisKeys(settings.redis.key_prefix)
     with connect(settings) as pg:
@@ -322,7 +321,7 @@ def test_postgres_crash_between_staging_and_promotion_recovers_by_itself(
 
 @pytest.mark.slow
 def test_dagster_daemon_recovers_without_new_traffic(
-        crashable: tuple[Settings, ThrowawayPostgres], rconn: redis.Redis, tmp_path: Path,
+        crashable: tuple[Settings, PostgresServer], rconn: redis.Redis, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The issue's test with the real `dagster-daemon`: its sensor and runs, nothing else.
 
@@ -386,7 +385,7 @@ def _cli(settings: Settings, command: list[str], batch_size: int, **env: str
         stderr=subprocess.PIPE)
 
 
-def inject(settings: Settings, server: ThrowawayPostgres, fault: tuple[str, str],
+def inject(settings: Settings, server: PostgresServer, fault: tuple[str, str],
            batch_size: int, marker: Path) -> None:
     """Process the queue by hand until `fault` strikes: a SIGKILL or a Postgres crash."""
     kind, point = fault
@@ -420,7 +419,7 @@ def inject(settings: Settings, server: ThrowawayPostgres, fault: tuple[str, str]
        push_size=st.integers(100, 700), claim_size=st.integers(100, 700),
        duplicates=st.sampled_from([0.0, 0.1]), invalid=st.sampled_from([0.0, 0.03]))
 def test_any_kill_or_crash_is_recovered_by_the_sensor_alone(
-        crashable: tuple[Settings, ThrowawayPostgres], rconn: redis.Redis, tmp_path: Path,
+        crashable: tuple[Settings, PostgresServer], rconn: redis.Redis, tmp_path: Path,
         fault: tuple[str, str], count: int, push_size: int, claim_size: int,
         duplicates: float, invalid: float) -> None:
     base, server = crashable

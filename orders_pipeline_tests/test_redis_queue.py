@@ -1,18 +1,15 @@
 """The ingestion queue on its own: atomic FIFO pushes, leased batch claims, reclaim, release."""
 
 import json
-import shutil
-import socket
-import subprocess
 import threading
-import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.queue import ClaimedBatch, OrderQueue
+from orders_pipeline_tests.helpers import expire_leases
+from orders_pipeline_tests.servers import RedisFactory
 
 
 def payloads(tag: str, n: int) -> list[bytes]:
@@ -22,18 +19,6 @@ def payloads(tag: str, n: int) -> list[bytes]:
 def redis_now_ms(client: redis.Redis) -> int:
     seconds, micros = client.time()
     return int(seconds) * 1000 + int(micros) // 1000
-
-
-def wait_until_reclaimed(queue: OrderQueue, owner: str, deadline_s: float = 10.0
-                         ) -> ClaimedBatch:
-    """Poll until some lease expires and `owner` takes the batch over."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        batch = queue.reclaim_expired(owner)
-        if batch is not None:
-            return batch
-        time.sleep(0.05)
-    raise AssertionError(f"no lease expired within {deadline_s}s")
 
 
 def test_push_batch_is_fifo_across_batches(rconn: redis.Redis, keys: RedisKeys) -> None:
@@ -66,41 +51,13 @@ def test_push_batch_writes_counter_and_signal_with_the_orders(rconn: redis.Redis
     assert rconn.exists(keys.signal_seen("batch-1")) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def tiny_redis() -> Iterator[redis.Redis]:
+def tiny_redis(redis_servers: RedisFactory) -> redis.Redis:
     """A throwaway redis-server with almost no memory to spare, never the shared one."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed")
-    port = _free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory-policy", "noeviction"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        used = int(client.info("memory")["used_memory"])
-        client.config_set("maxmemory", used + 512 * 1024)
-        yield client
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=10)
+    client = redis_servers().client()
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used + 512 * 1024)
+    return client
 
 
 def test_push_batch_is_all_or_nothing_when_redis_is_full(tiny_redis: redis.Redis) -> None:
@@ -139,7 +96,7 @@ def test_claim_batch_moves_whole_batch_under_a_lease(rconn: redis.Redis,
     deadline = rconn.zscore(keys.inflight, batch.batch_id)
     assert deadline is not None and now_ms + 55_000 <= deadline <= now_ms + 62_000
     assert rconn.hget(keys.owners, batch.batch_id) == b"worker-a"
-    assert queue.in_flight_batches() == 1
+    assert queue.claimed_batches() == 1
 
 
 def test_claim_batch_on_empty_queue_returns_none(rconn: redis.Redis, keys: RedisKeys) -> None:
@@ -151,7 +108,7 @@ def test_claim_batch_on_empty_queue_returns_none(rconn: redis.Redis, keys: Redis
 
 def test_expired_lease_is_reclaimed_by_another_worker_not_before(rconn: redis.Redis,
                                                                  keys: RedisKeys) -> None:
-    worker_a = OrderQueue(rconn, keys, lease_seconds=1)
+    worker_a = OrderQueue(rconn, keys, lease_seconds=60)
     worker_b = OrderQueue(rconn, keys, lease_seconds=60)
     worker_a.push_batch(payloads("a", 3))
     claimed = worker_a.claim_batch(10, "a")
@@ -159,8 +116,9 @@ def test_expired_lease_is_reclaimed_by_another_worker_not_before(rconn: redis.Re
 
     assert worker_b.reclaim_expired("b") is None  # lease still running
 
-    reclaimed = wait_until_reclaimed(worker_b, "b")
-    assert reclaimed.batch_id == claimed.batch_id
+    assert expire_leases(rconn, keys) == 1  # A died a lease ago
+    reclaimed = worker_b.reclaim_expired("b")
+    assert reclaimed is not None and reclaimed.batch_id == claimed.batch_id
     assert reclaimed.reclaimed and reclaimed.owner == "b"
     assert reclaimed.payloads == claimed.payloads
     assert rconn.hget(keys.owners, claimed.batch_id) == b"b"
@@ -173,17 +131,15 @@ def test_expired_lease_is_reclaimed_by_another_worker_not_before(rconn: redis.Re
 
 
 def test_concurrent_reclaimers_never_share_a_batch(rconn: redis.Redis, keys: RedisKeys) -> None:
-    dying = OrderQueue(rconn, keys, lease_seconds=1)
+    dying = OrderQueue(rconn, keys, lease_seconds=60)
     for n in range(30):
         dying.push_batch(payloads(f"b{n}", 2))
     claimed = set()
     while (batch := dying.claim_batch(2, "dead")) is not None:
         claimed.add(batch.batch_id)
     assert len(claimed) == 30
-    deadline = time.monotonic() + 10
-    while rconn.zcount(keys.inflight, "-inf", redis_now_ms(rconn)) < 30:
-        assert time.monotonic() < deadline, "leases did not expire"
-        time.sleep(0.05)
+    assert expire_leases(rconn, keys) == 30
+    assert rconn.zcount(keys.inflight, "-inf", redis_now_ms(rconn)) == 30
 
     barrier = threading.Barrier(4)
     taken: list[list[str]] = [[] for _ in range(4)]

@@ -1,7 +1,8 @@
 """What a Redis crash does to the queue, under each persistence setting, on a throwaway server.
 
-Each test starts its own `redis-server` (free port, its own --dir under tmp_path, never the
-shared one), SIGKILLs it and starts it again on the same port and directory. Postgres stays
+Each test starts its own `redis-server` (`redis_servers`: free port, its own --dir under
+tmp_path, never the shared one), SIGKILLs it and starts it again on the same port and
+directory; a dead worker's lease is made to run out at once (`expire_leases`). Postgres stays
 the test's own database. With `appendfsync always` nothing acknowledged is lost; with
 `everysec` a crash keeps a prefix of whole batches (MULTI is all or nothing in the AOF too);
 without persistence everything is gone and the producer must be able to tell; and when
@@ -10,118 +11,25 @@ without persistence everything is gone and the producer must be able to tell; an
 
 import json
 import random
-import shutil
-import signal
-import socket
-import subprocess
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
-from typing import Protocol
 
 import psycopg
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from orders_pipeline import generator, pipeline
 from orders_pipeline.redis_patterns.dedup import DedupWindow
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.helpers import assert_exactly_once
-
-LEASE_SECONDS = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server subprocess on its own port and data directory, to kill and restart."""
-
-    def __init__(self, directory: Path, *options: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed")
-        self.port = _free_port()
-        self.directory = directory
-        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                        "--dir", str(directory), "--save", "", "--maxmemory-policy",
-                        "noeviction", "--daemonize", "no", *options]
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = (self.directory / f"redis-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
-        probe = self.client()
-        deadline = time.monotonic() + 30
-        try:
-            while True:
-                try:
-                    probe.ping()  # raises BusyLoadingError while the AOF is replayed
-                    return
-                except redis.ConnectionError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(
-                            f"redis-server did not start: {self.log_tail()}") from None
-                    time.sleep(0.05)
-        finally:
-            probe.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final fsync, exactly like a crash of the process."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
-    def client(self) -> redis.Redis:
-        """A client that does not retry: a producer must see every failure itself."""
-        return redis.Redis(port=self.port, socket_timeout=10, retry=Retry(NoBackoff(), 0),
-                           retry_on_error=[])
-
-    def log_tail(self) -> str:
-        return (self.directory / f"redis-{self.starts}.log").read_text(errors="replace")[-2000:]
-
-
-class ServerFactory(Protocol):
-    def __call__(self, *options: str) -> RedisServer: ...
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[ServerFactory]:
-    """Start throwaway servers with the given options; all are killed at the end."""
-    servers: list[RedisServer] = []
-
-    def make(*options: str) -> RedisServer:
-        directory = tmp_path / f"redis-{len(servers)}"
-        directory.mkdir()
-        server = RedisServer(directory, *options)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.kill()
+from orders_pipeline_tests.helpers import assert_exactly_once, expire_leases
+from orders_pipeline_tests.servers import RedisFactory, RedisServer
 
 
 def on_server(settings: Settings, server: RedisServer) -> Settings:
     """The test's settings (own database, own prefix) pointed at the throwaway Redis."""
-    return replace(settings, redis=replace(settings.redis, port=server.port),
-                   pipeline=replace(settings.pipeline, claim_timeout_seconds=LEASE_SECONDS))
+    return replace(settings, redis=replace(settings.redis, port=server.port))
 
 
 def queue_state(client: redis.Redis, keys: RedisKeys) -> dict[str, object]:
@@ -150,24 +58,24 @@ def chunks(payloads: list[bytes], size: int) -> list[list[bytes]]:
     return [payloads[i:i + size] for i in range(0, len(payloads), size)]
 
 
-def drain_and_promote(settings: Settings) -> int:
-    """The real workers and promotion, after dead workers' leases have run out.
+def drain_and_promote(settings: Settings, client: redis.Redis) -> int:
+    """The real workers and promotion, once dead workers' leases have run out (forced).
 
     Returns how many batches the workers took over from a dead one."""
-    time.sleep(LEASE_SECONDS + 0.2)
+    expire_leases(client, RedisKeys(settings.redis.key_prefix))
     stats = pipeline.stage_queue(settings, workers=1, batch_size=1000)
     pipeline.promote_staged(settings)
     return stats.reclaimed_batches
 
 
 def test_appendfsync_always_keeps_everything_acknowledged(
-        settings: Settings, pg: psycopg.Connection, redis_server: ServerFactory) -> None:
+        settings: Settings, pg: psycopg.Connection, redis_servers: RedisFactory) -> None:
     """Every key the queue keeps comes back exactly, and the pipeline carries on from it."""
-    server = redis_server("--appendonly", "yes", "--appendfsync", "always")
+    server = redis_servers("--appendonly", "yes", "--appendfsync", "always")
     local = on_server(settings, server)
     keys = RedisKeys(local.redis.key_prefix)
     client = server.client()
-    queue = OrderQueue(client, keys, LEASE_SECONDS)
+    queue = OrderQueue(client, keys)
     payloads = build_orders(pg, 5000, seed=3, duplicates=0.05, invalid=0.02)
     for batch in chunks(payloads, 1000):
         queue.push_batch(batch)
@@ -183,7 +91,7 @@ def test_appendfsync_always_keeps_everything_acknowledged(
     assert int(client.hget(keys.counters, "accepted")) == 5000
     assert client.xlen(keys.signals_stream) == 5
     assert before["seen_markers_with_ttl"] == [True] * 5
-    assert drain_and_promote(local) == 2  # the batches the dead worker held
+    assert drain_and_promote(local, client) == 2  # the batches the dead worker held
     assert_exactly_once(local, client, pg, payloads)
 
 
@@ -211,7 +119,7 @@ def push_until_killed(queue: OrderQueue, server: RedisServer, rng: random.Random
 
 
 def test_appendfsync_everysec_keeps_whole_batches(
-        settings: Settings, redis_server: ServerFactory) -> None:
+        settings: Settings, redis_servers: RedisFactory) -> None:
     """SIGKILL the server at random moments while a producer pushes as fast as it can.
 
     After each restart what survives is the earlier survivors plus a prefix of the batches
@@ -221,7 +129,7 @@ def test_appendfsync_everysec_keeps_whole_batches(
     here, while a power cut could lose about a second). The losses are printed, not
     asserted: they depend on timing.
     """
-    server = redis_server("--appendonly", "yes", "--appendfsync", "everysec")
+    server = redis_servers("--appendonly", "yes", "--appendfsync", "everysec")
     keys = RedisKeys(settings.redis.key_prefix)
     rng = random.Random()
     kept: list[tuple[str, list[bytes]]] = []
@@ -249,7 +157,7 @@ def test_appendfsync_everysec_keeps_whole_batches(
 
 
 def test_without_persistence_a_restart_loses_everything_and_says_so(
-        settings: Settings, redis_server: ServerFactory) -> None:
+        settings: Settings, redis_servers: RedisFactory) -> None:
     """Documents what a Redis without persistence (`--appendonly no --save ""`) loses.
 
     A restart empties it: orders queued but not yet claimed, in-flight batches (claimed,
@@ -259,7 +167,7 @@ def test_without_persistence_a_restart_loses_everything_and_says_so(
     The producer learns of the restart from `OrderQueue.server_run_id()`, which changes with
     every start (as does INFO's uptime); it must then replay what it pushed since.
     """
-    server = redis_server("--appendonly", "no")
+    server = redis_servers("--appendonly", "no")
     keys = RedisKeys(settings.redis.key_prefix)
     client = server.client()
     queue = OrderQueue(client, keys)
@@ -279,7 +187,7 @@ def test_without_persistence_a_restart_loses_everything_and_says_so(
     assert queue.server_run_id() != run_id
     assert int(client.info("server")["uptime_in_seconds"]) < 30
     assert client.dbsize() == 0
-    assert queue.depth() == 0 and queue.in_flight_batches() == 0
+    assert queue.depth() == 0 and queue.claimed_batches() == 0
     assert client.hgetall(keys.counters) == {}
     assert client.xlen(keys.signals_stream) == 0
     dedup = DedupWindow(client, keys, 3600)
@@ -287,7 +195,7 @@ def test_without_persistence_a_restart_loses_everything_and_says_so(
 
 
 def test_full_redis_refuses_loudly_and_keeps_every_acknowledged_batch(
-        settings: Settings, pg: psycopg.Connection, redis_server: ServerFactory) -> None:
+        settings: Settings, pg: psycopg.Connection, redis_servers: RedisFactory) -> None:
     """`--maxmemory 2mb`, noeviction, AOF always.
 
     Pushing until full raises (never a silent drop) and the refused batch leaves no trace,
@@ -296,12 +204,12 @@ def test_full_redis_refuses_loudly_and_keeps_every_acknowledged_batch(
     need memory): they fail loudly and lose nothing. Once an operator adds memory the
     producer re-sends the refused batch and every order lands exactly once.
     """
-    server = redis_server("--appendonly", "yes", "--appendfsync", "always",
+    server = redis_servers("--appendonly", "yes", "--appendfsync", "always",
                           "--maxmemory", "2mb")
     local = on_server(settings, server)
     keys = RedisKeys(local.redis.key_prefix)
     client = server.client()
-    queue = OrderQueue(client, keys, LEASE_SECONDS)
+    queue = OrderQueue(client, keys)
     batches = chunks(build_orders(pg, 40_000, seed=5), 250)
     acknowledged: list[list[bytes]] = []
     with pytest.raises(redis.ResponseError, match="maxmemory"):
@@ -328,5 +236,5 @@ def test_full_redis_refuses_loudly_and_keeps_every_acknowledged_batch(
     assert client.ping()  # the server is up; only memory is short
     client.config_set("maxmemory", "64mb")  # the operator adds memory
     OrderQueue(client, keys).push_batch(refused)
-    assert drain_and_promote(local) == 1  # the batch the failed worker had claimed
+    assert drain_and_promote(local, client) == 1  # the batch the failed worker had claimed
     assert_exactly_once(local, client, pg, [p for b in [*acknowledged, refused] for p in b])

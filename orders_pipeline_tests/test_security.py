@@ -7,15 +7,11 @@ must succeed for the right CA and fail without it.
 """
 
 import dataclasses
-import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +21,7 @@ import psycopg
 import pytest
 import redis
 import yaml
+from pydantic import SecretStr
 
 from orders_pipeline import pipeline
 from orders_pipeline.connections import close_all, pg_connect, pg_pool, redis_client
@@ -34,13 +31,12 @@ from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.resources import resources_from_env
 from orders_pipeline.settings import PostgresSettings, RedisSettings, Settings
-from orders_pipeline_tests.helpers import (
-    REPO,
-    ThrowawayPostgres,
-    assert_exactly_once,
+from orders_pipeline_tests.helpers import REPO, assert_exactly_once, pipeline_env, push_orders
+from orders_pipeline_tests.servers import (
+    PgBouncer,
+    PostgresServer,
+    RedisFactory,
     free_port,
-    pipeline_env,
-    push_orders,
 )
 
 REDIS_PASSWORD = "redis-S3cret-7f1"
@@ -90,46 +86,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                key=directory / "server.key", other_ca=directory / "other-ca.pem")
 
 
-def _wait_listening(port: int, process: subprocess.Popen, log: Path, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited ({process.returncode}): {log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{what} did not listen on {port}: {log.read_text()}")
-
-
-@contextmanager
-def _running(command: list[str], port: int, log: Path, what: str) -> Iterator[None]:
-    """Run a server in the foreground until the block ends; its output goes to `log`."""
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_listening(port, process, log, what)
-        yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@contextmanager
-def redis_server(root: Path, port: int, *options: str) -> Iterator[None]:
-    """A private redis-server (no persistence); `options` choose its port(s) and auth."""
-    log = root / f"redis-{port}.log"
-    command = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(root), "--maxmemory-policy", "noeviction", *options]
-    with _running(command, port, log, "redis-server"):
-        yield
-
-
 def run_cli(env: dict[str, str], cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     """The real CLI in a subprocess, from a directory without a `.env`."""
     return subprocess.run([sys.executable, "-m", "orders_pipeline", *argv], cwd=cwd, env=env,
@@ -160,27 +116,28 @@ def push_and_claim(client: redis.Redis, prefix: str) -> None:
 # ---------------------------------------------------------------------------- Redis
 
 
-def test_redis_acl_user(settings: Settings, tmp_path: Path) -> None:
-    port = free_port()
-    with redis_server(tmp_path, port, "--port", str(port), "--user", "default", "off",
-                      "--user", "app", "on", f">{REDIS_PASSWORD}", "~*", "&*", "+@all"):
-        acl = dataclasses.replace(settings.redis, port=port, username="app",
-                                  password=REDIS_PASSWORD)
-        client = redis_client(acl)
-        assert client.acl_whoami() == "app"
-        push_and_claim(client, acl.key_prefix)
+def test_redis_acl_user(settings: Settings, redis_servers: RedisFactory, tmp_path: Path) -> None:
+    server = redis_servers("--user", "default", "off",
+                           "--user", "app", "on", f">{REDIS_PASSWORD}", "~*", "&*", "+@all",
+                           client_options={"username": "app", "password": REDIS_PASSWORD})
+    port = server.port
+    acl = dataclasses.replace(settings.redis, port=port, username="app",
+                              password=REDIS_PASSWORD)
+    client = redis_client(acl)
+    assert client.acl_whoami() == "app"
+    push_and_claim(client, acl.key_prefix)
 
-        env = pipeline_env(dataclasses.replace(settings, redis=acl))
-        ok = run_cli(env, tmp_path, "stats", "--json")
-        assert ok.returncode == 0, ok.stderr
-        assert "queue_depth" in ok.stdout
+    env = pipeline_env(dataclasses.replace(settings, redis=acl))
+    ok = run_cli(env, tmp_path, "stats", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert "queue_depth" in ok.stdout
 
-        wrong = one_error_line(run_cli({**env, "REDIS_PASSWORD": WRONG_PASSWORD}, tmp_path,
-                                       "stats"))
-        assert f"wrong Redis password for user 'app' at 127.0.0.1:{port}" in wrong
-        # The default user is off: no username means no way in, whatever the password.
-        default = one_error_line(run_cli({**env, "REDIS_USERNAME": ""}, tmp_path, "stats"))
-        assert "wrong Redis password for default user" in default
+    wrong = one_error_line(run_cli({**env, "REDIS_PASSWORD": WRONG_PASSWORD}, tmp_path,
+                                   "stats"))
+    assert f"wrong Redis password for user 'app' at 127.0.0.1:{port}" in wrong
+    # The default user is off: no username means no way in, whatever the password.
+    default = one_error_line(run_cli({**env, "REDIS_USERNAME": ""}, tmp_path, "stats"))
+    assert "wrong Redis password for default user" in default
 
 
 @pytest.fixture(scope="module")
@@ -198,14 +155,14 @@ def redis_has_tls() -> None:
 
 
 @pytest.fixture
-def tls_redis(redis_has_tls: None, pki: Pki, tmp_path: Path) -> Iterator[int]:
-    """A TLS-only redis-server (plain port 0) on 127.0.0.1 and 127.0.0.2; yields its port."""
+def tls_redis(redis_has_tls: None, pki: Pki, redis_servers: RedisFactory) -> int:
+    """A TLS-only redis-server (plain port 0) on 127.0.0.1 and 127.0.0.2; returns its port."""
     port = free_port()
-    with redis_server(tmp_path, port, "--bind", "127.0.0.1", "127.0.0.2", "--port", "0",
-                      "--tls-port", str(port), "--tls-cert-file", str(pki.cert),
-                      "--tls-key-file", str(pki.key), "--tls-ca-cert-file", str(pki.ca),
-                      "--tls-auth-clients", "no"):
-        yield port
+    redis_servers("--bind", "127.0.0.1", "127.0.0.2", "--port", "0", "--tls-port", str(port),
+                  "--tls-cert-file", str(pki.cert), "--tls-key-file", str(pki.key),
+                  "--tls-ca-cert-file", str(pki.ca), "--tls-auth-clients", "no",
+                  port=port, client_options={"ssl": True, "ssl_ca_certs": str(pki.ca)})
+    return port
 
 
 def test_redis_tls_verifies_the_server(settings: Settings, pki: Pki, tls_redis: int,
@@ -256,25 +213,21 @@ def test_redis_tls_checks_the_host_name(pki: Pki, tls_redis: int) -> None:
 class SecurePostgres:
     """A private cluster serving TCP only over TLS, with SCRAM logins for the role `app`."""
 
-    server: ThrowawayPostgres
+    server: PostgresServer
     admin: PostgresSettings  # superuser over the cluster's Unix socket (trust)
     app: PostgresSettings  # `app` over TCP, sslmode=verify-full, database `orders`
 
 
 @pytest.fixture(scope="module")
 def secure_postgres(pki: Pki) -> Iterator[SecurePostgres]:
-    # Not pytest's tmp_path: the `postgres` user cannot enter /tmp/pytest-of-root.
-    root = Path(tempfile.mkdtemp(prefix="op_pgtls_"))
-    try:
-        server = ThrowawayPostgres(root)
+    tls = {"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key",
+           "password_encryption": "scram-sha-256"}
+    with PostgresServer(tls) as server:
         data = server.data
         for source, name in ((pki.cert, "server.crt"), (pki.key, "server.key")):
             shutil.copy(source, data / name)
             (data / name).chmod(0o600)  # Postgres refuses a key that others can read
-            shutil.chown(data / name, data.owner())
-        with open(data / "postgresql.conf", "a") as conf:
-            conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
-                       "password_encryption = 'scram-sha-256'\n")
+            server.give_to_service_user(data / name)
         # Superuser only through the socket; over TCP only TLS and SCRAM, nothing in clear.
         (data / "pg_hba.conf").write_text(
             "local   all  postgres                trust\n"
@@ -295,9 +248,6 @@ def secure_postgres(pki: Pki) -> Iterator[SecurePostgres]:
             yield SecurePostgres(server=server, admin=admin, app=app)
         finally:
             close_all()
-            server.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _ssl_in_use(conn: psycopg.Connection) -> bool:
@@ -347,49 +297,31 @@ def test_postgres_tls_through_the_cli(secure_postgres: SecurePostgres, pki: Pki,
 
 @contextmanager
 def scram_pgbouncer(secure: SecurePostgres, pki: Pki) -> Iterator[int]:
-    """A private PgBouncer (transaction pool, SCRAM, TLS on both sides); yields its port."""
-    root = Path(tempfile.mkdtemp(prefix="op_bouncer_"))
-    port = free_port()
-    try:
-        with pg_connect(secure.admin) as conn:
-            secret = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'"
-                                  ).fetchone()[0]
-        assert secret.startswith("SCRAM-SHA-256$")
+    """A private PgBouncer (transaction pool, SCRAM, TLS on both sides); yields its port.
+
+    Its files (user list, certificates) are named relative to its directory, where it runs.
+    """
+    with pg_connect(secure.admin) as conn:
+        secret = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'"
+                              ).fetchone()[0]
+    assert secret.startswith("SCRAM-SHA-256$")
+    settings = {
+        "auth_type": "scram-sha-256", "auth_file": "userlist.txt", "pool_mode": "transaction",
+        "server_reset_query": "", "ignore_startup_parameters": "extra_float_digits",
+        "client_tls_sslmode": "require", "client_tls_cert_file": pki.cert.name,
+        "client_tls_key_file": pki.key.name, "server_tls_sslmode": "verify-full",
+        "server_tls_ca_file": pki.ca.name}
+    with PgBouncer({"*": f"host=127.0.0.1 port={secure.server.port}"}, settings) as bouncer:
         # The SCRAM secret, not the password: PgBouncer checks clients with it and, having
         # done so, logs in to Postgres as them.
+        root = bouncer.directory
         (root / "userlist.txt").write_text(f'"app" "{secret}"\n')
         for source in (pki.ca, pki.cert, pki.key):
             shutil.copy(source, root / source.name)
-        (root / "pgbouncer.ini").write_text(f"""\
-[databases]
-* = host=127.0.0.1 port={secure.server.port}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = {root}/userlist.txt
-pool_mode = transaction
-server_reset_query =
-ignore_startup_parameters = extra_float_digits
-client_tls_sslmode = require
-client_tls_cert_file = {root}/{pki.cert.name}
-client_tls_key_file = {root}/{pki.key.name}
-server_tls_sslmode = verify-full
-server_tls_ca_file = {root}/{pki.ca.name}
-logfile = {root}/pgbouncer.log
-{"user = postgres" if os.geteuid() == 0 else ""}
-""")
-        if os.geteuid() == 0:  # PgBouncer refuses to run as root; it drops to `postgres`
-            for path in (root, *root.iterdir()):
-                shutil.chown(path, "postgres", "postgres")
-            (root / pki.key.name).chmod(0o600)
-        with _running([shutil.which("pgbouncer") or "/usr/sbin/pgbouncer",
-                       str(root / "pgbouncer.ini")], port, root / "stdout.log", "pgbouncer"):
-            yield port
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        (root / pki.key.name).chmod(0o600)
+        bouncer.give_to_service_user(*root.iterdir())
+        bouncer.start()
+        yield bouncer.port
 
 
 def test_pgbouncer_scram_and_tls_for_the_workers(secure_postgres: SecurePostgres, pki: Pki,
@@ -442,13 +374,14 @@ def test_secrets_stay_env_vars_and_out_of_reprs(monkeypatch: pytest.MonkeyPatch)
         password = resources[name].password
         assert isinstance(password, dg.EnvVar) and password.env_var_name == variable
     settings = Settings.from_env()
-    assert (settings.redis.password, settings.postgres.password) == (REDIS_PASSWORD,
-                                                                     PG_PASSWORD)
+    assert settings.redis.password is not None and settings.postgres.password is not None
+    assert (settings.redis.password.get_secret_value(),
+            settings.postgres.password.get_secret_value()) == (REDIS_PASSWORD, PG_PASSWORD)
     # What runs see: the EnvVars resolved, still without the secret in repr().
     with dg.build_resources(resources) as built:
         resolved = [built.redis, built.postgres, built.redis.settings(),
                     built.postgres.settings()]
-        assert built.redis.settings().password == REDIS_PASSWORD
+        assert built.redis.settings().password == SecretStr(REDIS_PASSWORD)
     shown = [*resources.values(), *resolved, settings, settings.redis, settings.postgres,
              redis_client(settings.redis)]
     for text in [repr(o) for o in shown] + [str(o) for o in shown]:

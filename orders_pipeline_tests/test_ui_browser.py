@@ -15,11 +15,12 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS, Dagit
+from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS, REPLAY_ASSETS, Dagit
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -80,22 +81,30 @@ def _run_log_messages(dagit: Dagit, run_id: str) -> str:
 
 def test_materialize_all_from_the_lineage_page(dagit: Dagit, dagit_settings: Settings,
                                                page: Page, tmp_path: Path) -> None:
-    secret = dagit_settings.postgres.password
-    assert secret
+    assert dagit_settings.postgres.password is not None
+    secret = dagit_settings.postgres.password.get_secret_value()
     update = os.environ.get("ORDERS_UPDATE_SCREENSHOTS") == "1"
     screenshots = COMMITTED_SCREENSHOTS if update else tmp_path
     screenshots.mkdir(exist_ok=True)
 
-    page.goto(f"{dagit.url}/asset-groups")  # the global asset lineage
+    page.goto(f"{dagit.url}/asset-groups")  # the global asset lineage: a box per group
     expect(page.get_by_text("Global asset lineage")).to_be_visible()
+    for group in ("orders_pipeline", "replay"):
+        expect(page.get_by_text(group, exact=True).first).to_be_visible()
+
+    # The pipeline's group: its lineage, and "Materialize all" runs it at once (the group
+    # `replay`, partitioned by day, is materialized a day or a backfill at a time).
+    group_page = f"{dagit.url}/locations/{LOCATION}/asset-groups/orders_pipeline"
+    page.goto(group_page)
+    page.get_by_role("button", name="panel_show_left").click()  # the list of its assets
     for name in [*ASSET_LINEAGE, *EXTERNAL_ASSETS]:
         expect(page.get_by_text(name, exact=True).first).to_be_visible()
-
-    page.get_by_role("button", name="Materialize all").click()
+    assert not set(REPLAY_ASSETS) & set(ASSET_LINEAGE)
+    page.get_by_role("button", name=re.compile(r"Materialize all( \(\d+\))?$")).click()
     launched = page.get_by_role("link", name="View", exact=True)  # the "Launched run" toast
     expect(launched).to_have_attribute("href", re.compile(r"^/runs/[0-9a-f-]{36}$"))
     run_id = launched.get_attribute("href").rsplit("/", 1)[-1]
-    assert dagit.wait_run(run_id) == "SUCCESS"
+    assert dagit.wait_run(run_id) == dg.DagsterRunStatus.SUCCESS
 
     page.goto(f"{dagit.url}/runs/{run_id}")
     expect(page.get_by_text("RUN_SUCCESS", exact=True)).to_be_visible()  # its event log
@@ -107,10 +116,13 @@ def test_materialize_all_from_the_lineage_page(dagit: Dagit, dagit_settings: Set
     expect(row).to_contain_text("Success")
 
     # Back on the lineage page every asset is marked with a successful materialization.
-    page.goto(f"{dagit.url}/asset-groups")
+    page.goto(group_page)
+    page.get_by_role("button", name="panel_show_left").click()
     for name in ASSET_LINEAGE:
         marked = re.compile(rf"^run_success {re.escape(name)}( |$)")  # not `{name}_rollup`
         expect(page.get_by_role("button", name=marked)).to_be_visible()
+    page.goto(group_page)  # the graph alone, for the README
+    expect(page.get_by_text("staged_orders", exact=True)).to_be_visible()
     page.screenshot(path=screenshots / "asset-lineage.png")
 
     # The queue, observed by the daemon without any run: its plots and its checks.

@@ -13,7 +13,7 @@ from orders_pipeline.conservation import check_conservation
 from orders_pipeline.postgres_patterns.promotion import quarantine_totals, quarantined_batches
 from orders_pipeline.postgres_patterns.views import view_vs_orders
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
-from orders_pipeline.resources import PostgresResource, RedisResource
+from orders_pipeline.resources import PipelineResource, PostgresResource, RedisResource
 
 MONEY_PLACES = 2
 
@@ -21,8 +21,9 @@ MONEY_PLACES = 2
 @dg.asset_check(asset=lookup_cache, description="""
 The snapshot is in Redis, has time to live left, and holds exactly the rows of the Postgres
 lookup tables.""")
-def lookup_cache_fresh(redis: RedisResource, postgres: PostgresResource) -> dg.AssetCheckResult:
-    cache = LookupCache(redis.client(), redis.key_space(), redis.lookup_ttl_seconds)
+def lookup_cache_fresh(redis: RedisResource, postgres: PostgresResource,
+                       pipeline: PipelineResource) -> dg.AssetCheckResult:
+    cache = LookupCache(redis.client(), redis.key_space(), pipeline.lookup_ttl_seconds)
     info = cache.info()
     with postgres.connection() as conn:
         expected = cache.source_counts(conn)

@@ -10,7 +10,7 @@ from orders_pipeline.assets.common import RETRY, retried_only_if_transient, seco
 from orders_pipeline.assets.tables import CURRENCIES_SCHEMA, PRODUCTS_SCHEMA, ZIP_CODES_SCHEMA
 from orders_pipeline.postgres_patterns.schema import require_schema
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCacheMissing
-from orders_pipeline.resources import PostgresResource, RedisResource, pipeline_settings
+from orders_pipeline.resources import PipelineResource, PostgresResource, RedisResource
 
 
 def _lookup_table(name: str, schema: dg.TableSchema, what: str) -> dg.AssetSpec:
@@ -38,8 +38,9 @@ DAILY_AT_3 = "0 3 * * *"
     kinds={"redis", "postgres"},
     deps=LOOKUP_TABLE_SPECS,
     retry_policy=RETRY,
-    # Reloaded every day at 03:00 UTC whether or not the tables changed (they are never
-    # observed: the reload itself is cheap); the snapshot's TTL outlives one missed reload.
+    # Reloaded every day at 03:00 UTC whether or not the tables changed (their observations
+    # are ignored here: `lookup_sources_sensor` requests the reload after a change itself);
+    # the snapshot's TTL outlives one missed reload.
     automation_condition=dg.AutomationCondition.on_cron(DAILY_AT_3).ignore(
         dg.AssetSelection.assets(*(table.key for table in LOOKUP_TABLE_SPECS))),
     freshness_policy=dg.FreshnessPolicy.time_window(warn_window=timedelta(hours=25),
@@ -50,8 +51,10 @@ into the hashes `{P}:lookup:products`, `{P}:lookup:currencies`, `{P}:lookup:zip_
 (plus `{P}:lookup:meta`), each with a TTL of `LOOKUP_TTL_SECONDS`.
 
 Workers enrich every batch from this snapshot in one round trip, never joining Postgres.
-A new snapshot is written aside and swapped in atomically. Reloaded every day at 03:00 UTC by
-its automation condition (`default_automation_condition_sensor` runs it); workers reload it
+A new snapshot is written aside and swapped in atomically, with the versions of the tables it
+was copied from (in `{P}:lookup:meta`). Reloaded within a minute of a change to a lookup table
+by `lookup_sources_sensor` (change counters kept by triggers), every day at 03:00 UTC by its
+automation condition (`default_automation_condition_sensor` runs it); workers reload it
 themselves if it ever expires. Freshness warns after 25 hours (a missed reload) and fails
 after 49. A lookup table that is empty in Postgres fails it without retries (every order
 would be rejected).
@@ -60,8 +63,8 @@ would be rejected).
 )
 @retried_only_if_transient
 def lookup_cache(context: dg.AssetExecutionContext, redis: RedisResource,
-                 postgres: PostgresResource) -> dg.MaterializeResult:
-    ttl_seconds = pipeline_settings(redis, postgres).pipeline.lookup_ttl_seconds
+                 postgres: PostgresResource, pipeline: PipelineResource) -> dg.MaterializeResult:
+    ttl_seconds = pipeline.settings().lookup_ttl_seconds
     cache = LookupCache(redis.client(), redis.key_space(), ttl_seconds)
     with postgres.connection() as conn:
         require_schema(conn)

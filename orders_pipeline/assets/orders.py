@@ -9,7 +9,6 @@ import pydantic
 from psycopg import sql
 from pydantic_core import ErrorDetails
 
-from orders_pipeline import pipeline
 from orders_pipeline.assets import GROUP, OWNERS
 from orders_pipeline.assets.common import (
     RETRY,
@@ -28,10 +27,16 @@ from orders_pipeline.assets.tables import (
     SALES_HOURLY_SCHEMA,
     STAGING_SCHEMA,
 )
+from orders_pipeline.pipeline import promote_staged, stage_queue
 from orders_pipeline.postgres_patterns.schema import require_schema
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCacheMissing
 from orders_pipeline.redis_patterns.queue import OrderQueue
-from orders_pipeline.resources import PostgresResource, RedisResource, pipeline_settings
+from orders_pipeline.resources import (
+    PipelineResource,
+    PostgresResource,
+    RedisResource,
+    pipeline_settings,
+)
 from orders_pipeline.settings import BATCH_SIZE, BATCHES_PER_WORKER, WORKERS, Bound
 from orders_pipeline.worker import BatchReport
 
@@ -140,9 +145,9 @@ rows. Rejects are never retried by the pipeline: fix the producer and send them 
 )
 @retried_only_if_transient
 def staged_orders(context: dg.AssetExecutionContext, config: StagingConfig,
-                  redis: RedisResource, postgres: PostgresResource
+                  redis: RedisResource, postgres: PostgresResource, pipeline: PipelineResource
                   ) -> tuple[dg.MaterializeResult, dg.MaterializeResult]:
-    settings = pipeline_settings(redis, postgres, batch_size=config.batch_size,
+    settings = pipeline_settings(redis, postgres, pipeline, batch_size=config.batch_size,
                                  worker_count=config.workers)
     workers, batch_size = settings.pipeline.worker_count, settings.pipeline.batch_size
     # What no worker could get past fails here, once, before any worker starts.
@@ -161,8 +166,8 @@ def staged_orders(context: dg.AssetExecutionContext, config: StagingConfig,
     def log_batch(report: BatchReport) -> None:
         context.log.info(report.line())
 
-    stats = pipeline.stage_queue(settings, workers=workers, batch_size=batch_size,
-                                 max_batches=config.max_batches_per_worker, on_batch=log_batch)
+    stats = stage_queue(settings, workers=workers, batch_size=batch_size,
+                        max_batches=config.max_batches_per_worker, on_batch=log_batch)
     depth_after = queue.depth()
     if depth_before and not stats.claimed and depth_after >= depth_before:
         raise permanent_failure(
@@ -225,7 +230,9 @@ staged rows a Postgres crash erased are sent back to the queue. A poison batch (
 fails for a reason retrying cannot fix) is quarantined with its error and raw payloads, and
 the others are promoted: see the check `no_quarantined_batches` and `orders-pipeline
 readmit`. Re-running it changes nothing already done. Freshness warns after an hour without a
-promotion and fails after a day.
+promotion and fails after a day. Last, the relay publishes the promoted orders (listed in the
+outbox `promoted_outbox` by the same transaction) to the stream `promoted_stream` for the
+consumer groups (metadata `entries_published`).
 """,
     metadata={"dagster/table_name": "orders", "dagster/column_schema": ORDERS_SCHEMA},
 )
@@ -242,11 +249,11 @@ PRODUCT_DAILY_ROLLUP = _rollup("product_daily_rollup", "product_performance_dail
 )
 @retried_only_if_transient
 def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
-                    postgres: PostgresResource
+                    postgres: PostgresResource, pipeline: PipelineResource
                     ) -> tuple[dg.MaterializeResult, dg.MaterializeResult, dg.MaterializeResult]:
-    settings = pipeline_settings(redis, postgres)
+    settings = pipeline_settings(redis, postgres, pipeline)
     started = time.perf_counter()
-    result = pipeline.promote_staged(settings)
+    result = promote_staged(settings)
     elapsed = time.perf_counter() - started
     context.log.info(
         f"promoted {len(result.promoted_batches)} batches: {result.inserted_rows} rows inserted, "
@@ -270,6 +277,7 @@ def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
             "seconds": seconds(elapsed),
             "rows_per_second": per_second(result.inserted_rows, elapsed),
             "queue_depth_after": OrderQueue(redis.client(), redis.key_space()).depth(),
+            "entries_published": result.entries_published,
         }),
         _rollup_rows(postgres, SALES_HOURLY_ROLLUP),
         _rollup_rows(postgres, PRODUCT_DAILY_ROLLUP),

@@ -19,7 +19,7 @@ from orders_pipeline.assets import GROUP, OWNERS
 from orders_pipeline.assets.catalog import REDIS_KEY
 from orders_pipeline.assets.common import seconds
 from orders_pipeline.redis_patterns.queue import OrderQueue, QueueGauges
-from orders_pipeline.resources import PostgresResource, RedisResource
+from orders_pipeline.resources import PipelineResource, PostgresResource, RedisResource
 
 INGESTION_QUEUE = dg.AssetSpec(
     "ingestion_queue",
@@ -75,13 +75,14 @@ class Verdict:
                                        metadata=self.metadata)
 
 
-def read_queue(redis: RedisResource, postgres: PostgresResource) -> QueueReading:
+def read_queue(redis: RedisResource, postgres: PostgresResource,
+               pipeline: PipelineResource) -> QueueReading:
     """One reading: the gauges (one MULTI) and the age of the last promotion (Postgres)."""
     gauges = OrderQueue(redis.client(), redis.key_space()).gauges()
     with postgres.connection() as conn:
         row = conn.execute("SELECT extract(epoch FROM now() - promoted_at)::float8"
                            " FROM promotions ORDER BY promotion_id DESC LIMIT 1").fetchone()
-    return QueueReading(gauges, redis.max_queue_depth, None if row is None else row[0])
+    return QueueReading(gauges, pipeline.max_queue_depth, None if row is None else row[0])
 
 
 def observation(reading: QueueReading) -> dg.AssetObservation:
@@ -167,9 +168,9 @@ promoted (oldest staged batch). Severity ERROR when nothing was promoted in that
 Evaluated every minute by `queue_observation_sensor`, without a run."""),
         ],
     )
-    def queue_checks(redis: RedisResource,
-                     postgres: PostgresResource) -> Iterator[dg.AssetCheckResult]:
-        reading = read_queue(redis, postgres)
+    def queue_checks(redis: RedisResource, postgres: PostgresResource,
+                     pipeline: PipelineResource) -> Iterator[dg.AssetCheckResult]:
+        reading = read_queue(redis, postgres, pipeline)
         yield depth_verdict(reading).result()
         yield wait_verdict(reading, max_wait).result()
 
@@ -181,9 +182,9 @@ Evaluated every minute by `queue_observation_sensor`, without a run."""),
 observation of `ingestion_queue` (depth, oldest order's wait, batches in flight and
 quarantined) and evaluates its checks (orders waiting longer than {limit} fail).""",
     )
-    def queue_observation_sensor(redis: RedisResource,
-                                 postgres: PostgresResource) -> dg.SensorResult:
-        reading = read_queue(redis, postgres)
+    def queue_observation_sensor(redis: RedisResource, postgres: PostgresResource,
+                                 pipeline: PipelineResource) -> dg.SensorResult:
+        reading = read_queue(redis, postgres, pipeline)
         return dg.SensorResult(asset_events=[
             observation(reading), depth_verdict(reading).evaluation(),
             wait_verdict(reading, max_wait).evaluation()])

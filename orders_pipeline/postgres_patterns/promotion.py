@@ -3,10 +3,10 @@
 One transaction per round, under an advisory lock so promotions started from anywhere (sensor
 runs, schedules, the CLI, other hosts) never interleave. It promotes whole batches whose
 ledger says `staged`, inserts with ON CONFLICT DO NOTHING, adds exactly the rows it inserted
-to the view rollups, deletes exactly the rows it took (by batch id, so workers can keep
-staging meanwhile), and marks the batches `promoted`. A
-staged batch whose rows are gone (a Postgres crash empties UNLOGGED tables) is marked `lost`
-so the caller can hand it back to the queue.
+to the view rollups and their ids to the fan-out outbox (`promoted_outbox`), deletes exactly
+the rows it took (by batch id, so workers can keep staging meanwhile), and marks the batches
+`promoted`. A staged batch whose rows are gone (a Postgres crash empties UNLOGGED tables) is
+marked `lost` so the caller can hand it back to the queue.
 
 A poison batch never blocks the others: when the round fails with an error that retrying
 cannot fix (`is_poison`), its batches are promoted one by one, each in its own savepoint, and
@@ -23,19 +23,25 @@ import psycopg
 
 from orders_pipeline import contract
 from orders_pipeline.faults import crash_point
+from orders_pipeline.postgres_patterns.replay import reprocess_staged
 from orders_pipeline.postgres_patterns.views import PROMOTE_LOCK, ROLLUPS, rollup_upsert
 
 ORDER_COLUMNS = (*contract.ORDER_COLUMNS, "batch_id")
 _COLUMNS = ", ".join(ORDER_COLUMNS)
-# Insert the batches' rows and fold exactly the rows inserted into the view rollups.
+# Insert the batches' rows, fold exactly the rows inserted into the view rollups, and list
+# their ids in the fan-out outbox, one row per batch (`postgres_patterns.promoted_outbox`).
 _INSERT_ORDERS = f"""
 WITH inserted AS (
     INSERT INTO orders ({_COLUMNS})
     SELECT {_COLUMNS} FROM orders_staging WHERE batch_id = ANY(%(batches)s)
     ON CONFLICT (order_id) DO NOTHING
-    RETURNING order_timestamp, category, product_id, quantity, total_amount_usd
+    RETURNING order_id, batch_id, order_timestamp, category, product_id, quantity,
+              total_amount_usd
 ), {", ".join(f"add_to_{rollup} AS ({rollup_upsert(rollup, 'inserted')})"
-         for rollup in ROLLUPS)}
+         for rollup in ROLLUPS)}, to_outbox AS (
+    INSERT INTO promoted_outbox (batch_id, order_ids)
+    SELECT batch_id, array_agg(order_id) FROM inserted GROUP BY batch_id
+)
 SELECT count(*) FROM inserted
 """
 
@@ -104,13 +110,15 @@ class QuarantinedBatch:
 @dataclass
 class PromotionResult:
     """What one or more promotion rounds did: batches promoted, lost (to requeue) and
-    quarantined, staged rows of the promoted batches and rows they inserted, seconds."""
+    quarantined, staged rows of the promoted batches and rows they inserted, seconds; and
+    the entries the relay published to `{P}:promoted` after them (`fanout.relay`)."""
     promoted_batches: list[str] = field(default_factory=list)
     lost_batches: list[str] = field(default_factory=list)
     quarantined: list[QuarantinedBatch] = field(default_factory=list)
     staged_rows: int = 0
     inserted_rows: int = 0
     seconds: float = 0.0
+    entries_published: int = 0
 
     @property
     def conflicts(self) -> int:
@@ -128,10 +136,13 @@ class PromotionResult:
         self.staged_rows += other.staged_rows
         self.inserted_rows += other.inserted_rows
         self.seconds += other.seconds
+        self.entries_published += other.entries_published
 
 
 def _promote(conn: psycopg.Connection, batches: list[str]) -> int:
-    """Move the batches' staged rows into `orders` and the rollups; rows inserted."""
+    """Move the batches' staged rows into `orders` and the rollups; rows inserted. Rows of
+    replay batches of a reprocess first replace the stored orders they recompute."""
+    reprocess_staged(conn, batches)
     inserted = conn.execute(_INSERT_ORDERS, {"batches": batches}).fetchone()[0]
     crash_point("mid_promotion")
     conn.execute("DELETE FROM orders_staging WHERE batch_id = ANY(%s)", (batches,))

@@ -17,7 +17,10 @@ from orders_pipeline.settings import PostgresSettings
 
 _SCHEMA_LOCK = "orders_pipeline.schema"
 CORE_TABLES = ("products", "currencies", "zip_codes", "orders_staging", "orders",
-               "orders_rejected", "ingest_batches", "promotions", "quarantined_payloads")
+               "orders_rejected", "ingest_batches", "promotions", "quarantined_payloads",
+               "redrives", "redrive_batches", "redriven_rows", "lookup_source_versions",
+               "lookup_source_changes", "promoted_outbox", "raw_batches", "replays",
+               "replay_batches", "reprocessed_orders")
 
 
 class SchemaFilesMissing(RuntimeError):

@@ -2,7 +2,9 @@
 
 The batch's ledger row in `ingest_batches` is written in the same transaction as its COPY and
 its rejects, and taken first with a row lock: two workers that both hold the same batch (a
-slow one and the one that reclaimed it) serialise there, and only one of them stages it.
+slow one and the one that reclaimed it) serialise there, and only one of them stages it. The
+transaction that first writes the ledger row also archives the batch's raw payloads
+(`archive.archive`), so every batch the ledger knows is archived once.
 """
 
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ import psycopg
 
 from orders_pipeline import contract
 from orders_pipeline.faults import crash_point
+from orders_pipeline.postgres_patterns.archive import RawBatch, archive
 
 STAGING_COLUMNS = ("batch_id", "batch_position", *contract.ORDER_COLUMNS)
 _COPY_STAGING = f"COPY orders_staging ({', '.join(STAGING_COLUMNS)}) FROM STDIN (FORMAT csv)"
@@ -52,6 +55,7 @@ class StagingBatch:
     rows: pl.DataFrame        # columns: STAGING_COLUMNS (batch_id may be absent)
     rejects: pl.DataFrame     # columns: batch_position, raw_payload, reason, order_id
     duplicates: int
+    raw: RawBatch | None = None  # the claimed payloads to archive (None: not archived)
 
 
 def rows_to_csv(rows: pl.DataFrame, batch_id: str) -> bytes:
@@ -78,6 +82,8 @@ def stage_batch(conn: psycopg.Connection, batch: StagingBatch) -> StageOutcome:
             if status == "staged":
                 return StageOutcome.ALREADY_STAGED
             conn.execute(_RESTAGE_LEDGER, params)  # 'lost': a crash emptied staging
+        elif batch.raw is not None:
+            archive(conn, batch.batch_id, batch.raw)
         if batch.rows.height:
             data = rows_to_csv(batch.rows, batch.batch_id)
             middle = len(data) // 2

@@ -21,16 +21,19 @@ ROLLUPS = {
 }
 
 
-def rollup_upsert(rollup: str, source: str) -> str:
+def rollup_upsert(rollup: str, source: str, *, signed: bool = False) -> str:
     """SQL adding the orders of `source` (a table or CTE name) to one rollup table.
 
     Quantities are summed as bigint, which Postgres adds up as numeric: no sum overflows
-    however many orders share a row (the widths are derived in sql/030_views.sql).
+    however many orders share a row (the widths are derived in sql/030_views.sql). With
+    `signed`, `source` has a column `sign` (1 adds the order, -1 takes it away again).
     """
     key, expressions = ROLLUPS[rollup]
+    sums = ("sum(sign), sum(sign * quantity::bigint), sum(sign * total_amount_usd)" if signed
+            else "count(*), sum(quantity::bigint), sum(total_amount_usd)")
     return f"""
     INSERT INTO {rollup} AS r
-    SELECT {expressions}, count(*), sum(quantity::bigint), sum(total_amount_usd)
+    SELECT {expressions}, {sums}
     FROM {source} GROUP BY 1, 2
     ON CONFLICT ({key}) DO UPDATE SET
         order_count = r.order_count + EXCLUDED.order_count,

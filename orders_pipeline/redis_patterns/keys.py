@@ -71,6 +71,13 @@ class RedisKeys:
         """Set of batch ids promotion quarantined (poison); their batch lists are kept."""
         return f"{self.prefix}:quarantined"
 
+    @property
+    def redriven(self) -> str:
+        """Hash: re-drive (or replay) batch id -> its orders, for each batch
+        `OrderQueue.push_redriven` put in flight; kept until its outbox in Postgres records the
+        push."""
+        return f"{self.prefix}:redriven"
+
     def batch(self, batch_id: str) -> str:
         """List holding the raw payloads of one claimed batch, in claim order."""
         return f"{self.prefix}:batch:{batch_id}"
@@ -130,3 +137,9 @@ class RedisKeys:
     def counters(self) -> str:
         """Hash of monotonic counters (accepted orders, backpressure waits)."""
         return f"{self.prefix}:counters"
+
+    @property
+    def promoted(self) -> str:
+        """Stream of promoted orders, one entry per order, read by consumer groups (fan-out:
+        `PromotedStream`); trimmed to what some group has not acknowledged."""
+        return f"{self.prefix}:promoted"

@@ -4,6 +4,12 @@ Each table becomes one hash (id -> tab-separated attributes) with a TTL. A snaps
 under temporary keys and swapped in with RENAME inside MULTI, so readers see the old snapshot
 or the new one, never a half-written one. Enrichment asks for a batch's distinct ids with one
 HMGET per table, all in one round trip: no Postgres join on the hot path.
+
+The snapshot follows its sources: every change to a lookup table raises its version in
+`lookup_source_versions` (a trigger, sql/040_redrive.sql), and each snapshot records in
+`{P}:lookup:meta` the versions it was copied from, so a reader (`lookup_sources_sensor`) sees
+when Postgres is ahead, and the re-drive of rejects for unknown references knows since when
+the changes the live snapshot picked up date.
 """
 
 import time
@@ -34,6 +40,14 @@ LOOKUP_TABLES = (
                 "SELECT zip_code, region, shipping_zone::text FROM zip_codes"),
 )
 _CHUNK = 2000
+_SOURCE_VERSIONS = "SELECT table_name, version FROM lookup_source_versions ORDER BY 1"
+# The earliest change after the versions an earlier snapshot covered, up to the new ones.
+_FIRST_CHANGE = """
+SELECT extract(epoch FROM min(c.changed_at))
+FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS s(table_name, covered, version)
+JOIN lookup_source_changes c
+    ON c.table_name = s.table_name AND c.version > s.covered AND c.version <= s.version
+"""
 
 
 class LookupCacheMissing(RuntimeError):
@@ -47,6 +61,32 @@ class SnapshotInfo:
     seconds: float
 
 
+@dataclass(frozen=True)
+class LookupChanges:
+    """The last lookup changes a reload picked up: the earliest of them was made at `since`,
+    and the snapshot holding them went live at `loaded_at` (epoch seconds). Orders rejected
+    in between for an unknown reference were judged by a snapshot that lacked them."""
+    since: float
+    loaded_at: float
+
+
+@dataclass(frozen=True)
+class SnapshotSources:
+    """What the live snapshot was copied from: each lookup table's version, when it was
+    loaded (epoch seconds), and the last changes a reload picked up (carried over by reloads
+    that pick up none; None until one has)."""
+    versions: dict[str, int]
+    loaded_at: float
+    changes: LookupChanges | None
+
+
+def source_versions(conn: psycopg.Connection) -> dict[str, int]:
+    """Each lookup table's change counter in Postgres (3 rows; cheap enough for every tick)."""
+    versions = {name: int(version) for name, version in conn.execute(_SOURCE_VERSIONS)}
+    conn.rollback()
+    return versions
+
+
 class LookupCache:
     def __init__(self, client: redis.Redis, keys: RedisKeys, ttl_seconds: int) -> None:
         self.client = client
@@ -55,8 +95,12 @@ class LookupCache:
         self._snapshot: tuple[bytes, list[pl.DataFrame]] | None = None
 
     def load_snapshot(self, conn: psycopg.Connection) -> SnapshotInfo:
-        """Copy the lookup tables into Redis and swap them in atomically."""
+        """Copy the lookup tables into Redis and swap them in atomically, with the versions
+        they were copied from (read first, so the copy covers at least those changes)."""
         started = time.perf_counter()
+        versions = source_versions(conn)
+        previous = self.sources()
+        first_change = self._first_change(conn, previous, versions)
         rows: dict[str, int] = {}
         staging_keys = {}
         for table in LOOKUP_TABLES:
@@ -81,12 +125,45 @@ class LookupCache:
                 pipe.expire(live, self.ttl_seconds)
             else:
                 pipe.delete(live)
+        changes = (LookupChanges(first_change, loaded_at) if first_change is not None
+                   else previous.changes if previous is not None else None)
         pipe.delete(self.keys.lookup_meta)
-        pipe.hset(self.keys.lookup_meta, mapping={"loaded_at": loaded_at,
-                                                  **{f"rows:{k}": v for k, v in rows.items()}})
+        pipe.hset(self.keys.lookup_meta, mapping={
+            "loaded_at": loaded_at, **{f"rows:{k}": v for k, v in rows.items()},
+            **{f"version:{k}": v for k, v in versions.items()},
+            **({} if changes is None else {"changes_since": changes.since,
+                                           "changes_loaded_at": changes.loaded_at})})
         pipe.expire(self.keys.lookup_meta, self.ttl_seconds)
         pipe.execute()
         return SnapshotInfo(rows, loaded_at, time.perf_counter() - started)
+
+    def sources(self) -> SnapshotSources | None:
+        """What the live snapshot was copied from (None without a snapshot, or for one loaded
+        before snapshots recorded it)."""
+        fields = {k.decode(): float(v) for k, v in
+                  self.client.hgetall(self.keys.lookup_meta).items()}
+        if not any(k.startswith("version:") for k in fields):
+            return None
+        return SnapshotSources(
+            versions={k.removeprefix("version:"): int(v) for k, v in fields.items()
+                      if k.startswith("version:")},
+            loaded_at=fields["loaded_at"],
+            changes=LookupChanges(fields["changes_since"], fields["changes_loaded_at"])
+            if "changes_since" in fields else None)
+
+    @staticmethod
+    def _first_change(conn: psycopg.Connection, previous: SnapshotSources | None,
+                      versions: dict[str, int]) -> float | None:
+        """When the earliest change after the previous snapshot's versions (up to `versions`)
+        was made; None if there is none, or no previous snapshot to compare with."""
+        if previous is None:
+            return None
+        tables = list(versions)
+        first = conn.execute(_FIRST_CHANGE, (
+            tables, [previous.versions.get(t, 0) for t in tables],
+            [versions[t] for t in tables])).fetchone()[0]
+        conn.rollback()
+        return None if first is None else float(first)
 
     def is_loaded(self) -> bool:
         names = [self.keys.lookup(t.name) for t in LOOKUP_TABLES]

@@ -28,6 +28,11 @@ import redis
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.signals import CompletionSignals
 
+# `{P}:counters` fields: orders put back in flight by a re-drive of rejected orders, and by a
+# replay of archived batches.
+REDRIVEN_COUNTER = "redriven"
+REPLAYED_COUNTER = "replayed"
+
 # KEYS: ingestion, inflight, owners, batch, dequeued, marks
 # ARGV: count, lease_ms, batch_id, owner
 _CLAIM = """
@@ -341,6 +346,41 @@ class OrderQueue:
         self.client.srem(self.keys.quarantined, *batch_ids)
         return signal_id
 
+    def push_redriven(self, batch_id: str, payloads: Sequence[bytes], *,
+                      counter: str = REDRIVEN_COUNTER) -> bool:
+        """Put a batch of re-driven (or replayed) payloads in flight under its own id, once.
+
+        One MULTI under WATCH of `{P}:redriven`: the list `{P}:batch:<id>` (payloads in
+        order), the batch in `{P}:inflight` with lease deadline 0 and no owner (the next drain
+        reclaims it at once, as after `requeue`), `counter` (`redriven`, or `replayed` for a
+        replay) in `{P}:counters` raised by its orders (conservation: deliveries beyond
+        `accepted`), its completion signal (so a run comes to stage it) and its marker in
+        `{P}:redriven`. If the marker is there already, an earlier call pushed the batch:
+        nothing happens and this returns False.
+        """
+        def push(pipe: redis.client.Pipeline) -> bool:
+            if pipe.hexists(self.keys.redriven, batch_id):
+                return False
+            pipe.multi()
+            pipe.rpush(self.keys.batch(batch_id), *payloads)
+            pipe.zadd(self.keys.inflight, {batch_id: 0})
+            pipe.hincrby(self.keys.counters, counter, len(payloads))
+            pipe.hset(self.keys.redriven, batch_id, len(payloads))
+            self.signals.record(pipe, batch_id, len(payloads))
+            return True
+
+        return bool(self.client.transaction(push, self.keys.redriven, value_from_callable=True))
+
+    def redriven_markers(self) -> list[str]:
+        """Re-drive and replay batches pushed whose push their Postgres outbox may not record
+        yet."""
+        return [b.decode() for b in self.client.hkeys(self.keys.redriven)]
+
+    def forget_redriven(self, batch_ids: Sequence[str]) -> None:
+        """Drop the markers of batches their Postgres outbox records as pushed."""
+        if batch_ids:
+            self.client.hdel(self.keys.redriven, *batch_ids)
+
     def staged_batch_ids(self) -> list[str]:
         return [b.decode() for b in self.client.zrange(self.keys.staged, 0, -1)]
 
@@ -363,7 +403,8 @@ class OrderQueue:
         """Orders held in claimed or staged batches (not yet released)."""
         return self.orders_in(self.claimed_batch_ids() + self.staged_batch_ids())
 
-    def in_flight_batches(self) -> int:
+    def claimed_batches(self) -> int:
+        """Batches claimed and leased (in `{P}:inflight`), not yet staged."""
         return int(self.client.zcard(self.keys.inflight))
 
     def server_run_id(self) -> str:

@@ -1,78 +1,79 @@
-"""Dagster resources for Redis and Postgres, configured from environment variables."""
+"""Dagster resources for Redis, Postgres and the pipeline's tunables.
 
+Their fields are derived from the settings declarations (`orders_pipeline.settings`), so a
+setting is declared once and appears in the environment, the resources and the CLI alike.
+"""
+
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
+from orders_pipeline.resources.pipeline import PipelineResource
 from orders_pipeline.resources.postgres import PostgresResource
 from orders_pipeline.resources.redis import RedisResource
-from orders_pipeline.settings import PipelineSettings, PostgresSettings, RedisSettings, Settings
+from orders_pipeline.settings import (
+    Declared,
+    PipelineSettings,
+    PostgresSettings,
+    RedisSettings,
+    Settings,
+)
 
-__all__ = ["PostgresResource", "RedisResource", "pipeline_settings", "resources_from_env"]
+__all__ = ["RESOURCES", "PipelineResource", "PostgresResource", "RedisResource",
+           "pipeline_settings", "resources_for", "resources_from_env"]
+
+# Resource key -> (resource class, the settings it holds).
+RESOURCES: dict[str, tuple[type[dg.ConfigurableResource], type[Declared]]] = {
+    "redis": (RedisResource, RedisSettings),
+    "postgres": (PostgresResource, PostgresSettings),
+    "pipeline": (PipelineResource, PipelineSettings),
+}
 
 
-def _env(name: str, default: Any) -> Any:
-    """`EnvVar(name)` when the variable is set (secrets stay out of the UI), else the default."""
-    if os.environ.get(name, "") == "":
-        return default
-    return dg.EnvVar.int(name) if isinstance(default, int) else dg.EnvVar(name)
+def _from_env(declared: type[Declared], name: str, env: Mapping[str, str]) -> Any:
+    """`EnvVar` for a set text or integer variable (the UI shows its name, never its value);
+    a boolean has no `EnvVar` form, so it is read when the code location loads."""
+    variable = declared.env_name(name)
+    default = declared.declarations()[name].default
+    if isinstance(default, bool):
+        return getattr(declared.from_env({variable: env[variable]}), name)
+    return dg.EnvVar.int(variable) if isinstance(default, int) else dg.EnvVar(variable)
 
 
-def resources_from_env() -> dict[str, dg.ConfigurableResource]:
-    """Resources whose set variables stay `EnvVar`s: the UI shows names, never secrets."""
-    redis_defaults = RedisSettings()
-    pipeline_defaults = PipelineSettings()
-    postgres_defaults = PostgresSettings()
-    # Booleans have no EnvVar form; they are read when the code location loads.
-    redis_env = RedisSettings.from_env()
-    postgres_env = PostgresSettings.from_env()
+def resources_from_env(env: Mapping[str, str] = os.environ) -> dict[str, dg.ConfigurableResource]:
+    """One resource per key of `RESOURCES`; variables that are set become `EnvVar`s, the rest
+    keep their declared default."""
     return {
-        "redis": RedisResource(
-            host=_env("REDIS_HOST", redis_defaults.host),
-            port=_env("REDIS_PORT", redis_defaults.port),
-            db=_env("REDIS_DB", redis_defaults.db),
-            username=_env("REDIS_USERNAME", None),
-            password=_env("REDIS_PASSWORD", None),
-            ssl=redis_env.ssl,
-            ssl_ca_certs=_env("REDIS_SSL_CA_CERTS", None),
-            key_prefix=_env("REDIS_KEY_PREFIX", redis_defaults.key_prefix),
-            dedup_window_seconds=_env("DEDUP_WINDOW_SECONDS",
-                                      pipeline_defaults.dedup_window_seconds),
-            max_queue_depth=_env("MAX_QUEUE_DEPTH", pipeline_defaults.max_queue_depth),
-            lookup_ttl_seconds=_env("LOOKUP_TTL_SECONDS", pipeline_defaults.lookup_ttl_seconds),
-            claim_timeout_seconds=_env("CLAIM_TIMEOUT_SECONDS",
-                                       pipeline_defaults.claim_timeout_seconds),
-        ),
-        "postgres": PostgresResource(
-            host=_env("POSTGRES_HOST", postgres_defaults.host),
-            port=_env("POSTGRES_PORT", postgres_defaults.port),
-            user=_env("POSTGRES_USER", postgres_defaults.user),
-            password=_env("POSTGRES_PASSWORD", None),
-            dbname=_env("POSTGRES_DB", postgres_defaults.dbname),
-            pgbouncer_host=_env("PGBOUNCER_HOST", postgres_defaults.pgbouncer_host),
-            pgbouncer_port=_env("PGBOUNCER_PORT", postgres_defaults.pgbouncer_port),
-            use_pgbouncer=postgres_env.use_pgbouncer,
-            sslmode=_env("POSTGRES_SSLMODE", postgres_defaults.sslmode),
-            sslrootcert=_env("POSTGRES_SSLROOTCERT", None),
-        ),
-    }
+        key: resource(**{name: _from_env(declared, name, env)
+                         for name in declared.declarations()
+                         if env.get(declared.env_name(name), "") != ""})
+        for key, (resource, declared) in RESOURCES.items()}
 
 
-def pipeline_settings(redis: RedisResource, postgres: PostgresResource, *,
-                      batch_size: int | None = None, worker_count: int | None = None
-                      ) -> Settings:
-    """The plain `Settings` the pipeline modules (and worker processes) take."""
-    env = PipelineSettings.from_env()
-    return Settings(
-        redis=redis.settings(),
-        postgres=postgres.settings(),
-        pipeline=PipelineSettings(
-            batch_size=batch_size or env.batch_size,
-            worker_count=worker_count or env.worker_count,
-            dedup_window_seconds=redis.dedup_window_seconds,
-            max_queue_depth=redis.max_queue_depth,
-            lookup_ttl_seconds=redis.lookup_ttl_seconds,
-            claim_timeout_seconds=redis.claim_timeout_seconds,
-        ),
-    )
+def resources_for(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """Resources holding exactly `settings` (tests, the benchmark, embedding applications)."""
+    groups = {"redis": settings.redis, "postgres": settings.postgres,
+              "pipeline": settings.pipeline}
+    return {key: resource(**{field.name: _plain(getattr(groups[key], field.name))
+                             for field in dataclasses.fields(groups[key])})
+            for key, (resource, _) in RESOURCES.items()}
+
+
+def _plain(value: Any) -> Any:
+    secret = getattr(value, "get_secret_value", None)
+    return secret() if secret else value
+
+
+def pipeline_settings(redis: RedisResource, postgres: PostgresResource,
+                      pipeline: PipelineResource, *, batch_size: int | None = None,
+                      worker_count: int | None = None) -> Settings:
+    """The plain `Settings` the pipeline modules (and worker processes) take; `batch_size` and
+    `worker_count` override the pipeline resource's (a run's `staged_orders` config)."""
+    tuning = pipeline.settings()
+    return Settings(redis=redis.settings(), postgres=postgres.settings(),
+                    pipeline=dataclasses.replace(
+                        tuning, batch_size=batch_size or tuning.batch_size,
+                        worker_count=worker_count or tuning.worker_count))
