@@ -193,6 +193,24 @@ def _choices(annotation: Any) -> tuple[str, ...]:
 _frozen = pydantic_dataclasses.dataclass(frozen=True)
 
 
+def has_hash_tag(key: str) -> bool:
+    """True if Redis Cluster hashes `key` by a tag: a `{` followed later by a `}` with at least
+    one character between them (the cluster specification's rule for the first `{`)."""
+    start = key.find("{")
+    return start >= 0 and key.find("}", start + 1) > start + 1
+
+
+def sentinel_addresses(text: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` as address pairs; ValueError naming the entry that is not one."""
+    addresses = []
+    for entry in (part.strip() for part in text.split(",")):
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65_535:
+            raise ValueError(f"REDIS_SENTINEL_HOSTS entry {entry!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
+
+
 @_frozen
 class RedisSettings(Declared):
     """Where Redis is and how to reach it; every key and channel starts with `key_prefix`."""
@@ -216,8 +234,38 @@ class RedisSettings(Declared):
         "orders", "REDIS_KEY_PREFIX", "Prefix of every Redis key and channel, e.g. "
         "orders:ingestion (lets deployments share a Redis)")
 
+    cluster: Flag = setting(
+        False, "REDIS_CLUSTER", "true: REDIS_HOST:REDIS_PORT is any node of a Redis Cluster "
+        "(the client learns the others, follows MOVED/ASK and failovers); the key prefix "
+        "must then hold a hash tag, e.g. {orders}")
+    sentinel_hosts: str | None = setting(
+        None, "REDIS_SENTINEL_HOSTS", "Comma-separated host:port of Redis Sentinels; when set, "
+        "the master is asked of them by name (REDIS_SENTINEL_MASTER) and REDIS_HOST/REDIS_PORT "
+        "are not used")
+    sentinel_master: str = setting("mymaster", "REDIS_SENTINEL_MASTER",
+                                   "Name of the master the Sentinels monitor")
+    # One hash tag per shard: a cluster of M masters serves K shards, K a multiple of M
+    # spreading them evenly. The queue list and the dedup window of one shard stay in one slot.
+    shards: Integer = setting(
+        1, "REDIS_SHARDS", "Shards of the queue and the dedup window (each under its own "
+        "hash tag, so a Redis Cluster spreads them over its masters); 1: one queue", ge=1,
+        le=256)
+
     @model_validator(mode="after")
     def _check(self) -> "RedisSettings":
+        if self.cluster and self.sentinel_hosts:
+            raise ValueError("REDIS_CLUSTER=true and REDIS_SENTINEL_HOSTS are both set: a "
+                             "deployment uses one of them")
+        if self.cluster and self.db != 0:
+            raise ValueError(f"REDIS_DB is {self.db}, but a Redis Cluster has only database "
+                             "0: unset REDIS_DB")
+        if self.cluster and not has_hash_tag(self.key_prefix):
+            raise ValueError(
+                f"REDIS_KEY_PREFIX {self.key_prefix!r} has no hash tag, so its keys would "
+                "fall in different cluster slots: use e.g. {"
+                f"{self.key_prefix.strip('{}') or 'orders'}" "}")
+        if self.sentinel_hosts:
+            sentinel_addresses(self.sentinel_hosts)
         # A CA without TLS would silently send the password in clear text.
         if self.ssl_ca_certs and not self.ssl:
             raise ValueError("REDIS_SSL_CA_CERTS is set but REDIS_SSL is false")
@@ -305,8 +353,26 @@ class PipelineSettings(Declared):
         "Postgres (raw_batches) for replay; older days are dropped whole", ge=1, le=3650)
 
 
+ExecutorName = Literal["in_process", "multiprocess", "celery"]
+EXECUTORS: tuple[str, ...] = get_args(ExecutorName)
+
+
+@_frozen
+class DagsterSettings(Declared):
+    """How the Dagster code location places its steps; read when `definitions` loads."""
+
+    executor: ExecutorName = setting(
+        "in_process", "DAGSTER_EXECUTOR", "Dagster executor of every job: in_process (one "
+        "process per run, a laptop's default), multiprocess (one process per step), celery "
+        "(steps go to Celery workers: `dagster-celery worker start -A "
+        "dagster_celery.app`)")
+    celery_broker: SecretStr | None = setting(
+        None, "DAGSTER_CELERY_BROKER", "Celery broker URL for DAGSTER_EXECUTOR=celery, e.g. "
+        "redis://:password@host:6379/1; empty: the pipeline's Redis, database 1")
+
+
 SETTINGS_CLASSES: tuple[type[Declared], ...] = (PostgresSettings, RedisSettings,
-                                                 PipelineSettings)
+                                                 PipelineSettings, DagsterSettings)
 
 
 def env_bounds() -> dict[str, Bound]:
