@@ -138,7 +138,7 @@ def _child_main(role: str, reports: Reports, target: Callable[..., Any],
 def _produce(settings: Settings, options: BenchmarkOptions) -> dict[str, Any]:
     """Build and push `total` orders chunk by chunk (memory bounded by the chunk)."""
     client = redis_client(settings.redis)
-    keys = RedisKeys(settings.redis.key_prefix)
+    keys = RedisKeys.of(settings.redis)
     queue = OrderQueue(client, keys, settings.pipeline.claim_timeout_seconds)
     backpressure = Backpressure(client, keys, settings.pipeline.max_queue_depth)
     with pg_connect(settings.postgres) as conn:
@@ -308,7 +308,7 @@ def _fresh_after_batch(settings: Settings, options: BenchmarkOptions) -> dict[st
     the same rows in a transaction that is rolled back.
     """
     client = redis_client(settings.redis)
-    keys = RedisKeys(settings.redis.key_prefix)
+    keys = RedisKeys.of(settings.redis)
     queue = OrderQueue(client, keys, settings.pipeline.claim_timeout_seconds)
     with pg_connect(settings.postgres) as conn:
         refs = generator.References.load(conn)
@@ -398,7 +398,7 @@ def _overlapped(bench: Settings, options: BenchmarkOptions, ctx: Any,
     staging_done, stop_dashboard = ctx.Event(), ctx.Event()
     produced = threading.Event()
     stop = StopRequest(WORKER_GRACE_SECONDS)
-    queue = OrderQueue(redis_client(bench.redis), RedisKeys(bench.redis.key_prefix))
+    queue = OrderQueue(redis_client(bench.redis), RedisKeys.of(bench.redis))
     run = _Run()
 
     def stop_when_drained() -> None:
@@ -592,7 +592,7 @@ def _measure(bench: Settings, options: BenchmarkOptions,
     ensure_database(bench.postgres)
     with pg_connect(bench.postgres) as conn:
         apply_schema(conn)
-        LookupCache(redis_client(bench.redis), RedisKeys(bench.redis.key_prefix),
+        LookupCache(redis_client(bench.redis), RedisKeys.of(bench.redis),
                     bench.pipeline.lookup_ttl_seconds).load_snapshot(conn)
     machine = machine_info(bench)
     rss: dict[str, Any] = {}

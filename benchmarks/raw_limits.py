@@ -133,7 +133,7 @@ def build_sample(settings: Settings, rows: int, batch_size: int, seed: int) -> S
     or invalid payloads); timestamps differ by the seconds between the two generations.
     Staging rows come from the pipeline's own parse, validate and enrich.
     """
-    keys = RedisKeys(settings.redis.key_prefix)
+    keys = RedisKeys.of(settings.redis)
     cache = LookupCache(redis_client(settings.redis), keys, settings.pipeline.lookup_ttl_seconds)
     with pg_connect(settings.postgres) as conn:
         refs = generator.References.load(conn)
@@ -460,7 +460,7 @@ def _worker_steps(settings: Settings, prefix: str, sample: Sample,
     queue = OrderQueue(client, keys, tuning.claim_timeout_seconds)
     dedup = DedupWindow(client, keys, tuning.dedup_window_seconds)
     window = OrderRateWindow(client, keys)
-    cache = LookupCache(client, RedisKeys(settings.redis.key_prefix), tuning.lookup_ttl_seconds)
+    cache = LookupCache(client, RedisKeys.of(settings.redis), tuning.lookup_ttl_seconds)
     generator.push_payloads(queue, Backpressure(client, keys, 10**12),
                             [p for batch in sample.payloads for p in batch], batch_size)
     seconds = dict.fromkeys(WORKER_STEPS, 0.0)
@@ -498,7 +498,7 @@ def _pipeline_once(settings: Settings, sample: Sample, batch_size: int) -> dict[
     steps one by one (`_worker_steps`, on a second copy of the sample under a sub-prefix).
     """
     client = redis_client(settings.redis)
-    keys = RedisKeys(settings.redis.key_prefix)
+    keys = RedisKeys.of(settings.redis)
     queue = OrderQueue(client, keys, settings.pipeline.claim_timeout_seconds)
     payloads = [p for batch in sample.payloads for p in batch]
     seconds: dict[str, float] = {}
@@ -534,7 +534,7 @@ def pipeline_alone(settings: Settings, sample: Sample, batch_size: int,
             with pg_connect(postgres) as conn:
                 conn.execute(f"TRUNCATE {_RESET}")
                 conn.commit()
-                LookupCache(redis_client(alone.redis), RedisKeys(alone.redis.key_prefix),
+                LookupCache(redis_client(alone.redis), RedisKeys.of(alone.redis),
                             alone.pipeline.lookup_ttl_seconds).load_snapshot(conn)
             runs.append(_pipeline_once(alone, sample, batch_size))
             delete_keys(alone.redis)

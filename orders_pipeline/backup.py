@@ -409,7 +409,7 @@ def _write_backup(settings: Settings, directory: Path,
     pg = settings.postgres
     client = redis_client(settings.redis)
     with open(directory / REDIS_FILE, "xb") as out:
-        key_file = _KeyFile(out, RedisKeys(settings.redis.key_prefix))
+        key_file = _KeyFile(out, RedisKeys.of(settings.redis))
         found = key_file.copy_early_keys(client)
         with pg_connect(pg) as exporter:
             exporter.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -446,6 +446,14 @@ def _write_manifest(directory: Path, manifest: Manifest) -> None:
         os.close(handle)
 
 
+def _refuse_shards(settings: Settings) -> None:
+    """Backups copy one shard's queue state in one step: a sharded queue is refused."""
+    if settings.redis.shards > 1:
+        raise BackupError(f"REDIS_SHARDS is {settings.redis.shards}, and backup/restore copy "
+                          "the queue state of one shard only; back up a deployment with "
+                          "REDIS_SHARDS=1")
+
+
 def backup(settings: Settings, directory: Path) -> Manifest:
     """Back up Postgres and the Redis keys of the prefix into `directory` (see the module).
 
@@ -454,6 +462,7 @@ def backup(settings: Settings, directory: Path) -> Manifest:
     manifest). Raises BackupError (pg_dump missing or failing), LedgerBusy (the ledger could
     not be held still in time: try again), and the servers' connection errors.
     """
+    _refuse_shards(settings)
     pg_dump = pg_tool("pg_dump")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise BackupError(f"{str(directory)!r} is not an empty directory: back up into a new "
@@ -589,11 +598,12 @@ def restore(settings: Settings, directory: Path, *, force: bool = False) -> Rest
     not empty without `force`, or the target Redis refusing the copied keys (older than the
     source). With `force` the database is dropped and the prefix's keys deleted first.
     """
+    _refuse_shards(settings)
     manifest = read_manifest(directory)
     pg_restore = pg_tool("pg_restore")
     pg, rd = settings.postgres, settings.redis
     client = redis_client(rd)
-    keys = RedisKeys(rd.key_prefix)
+    keys = RedisKeys.of(rd)
     replaced = _clear_targets(settings, client, force)
     ensure_database(pg)
     _run_tool([pg_restore, "--no-password", "--single-transaction", "--exit-on-error",

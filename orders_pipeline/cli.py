@@ -282,7 +282,7 @@ def _check_redis(settings: Settings) -> redis.Redis:
 
 
 def _keys(settings: Settings) -> RedisKeys:
-    return RedisKeys(settings.redis.key_prefix)
+    return RedisKeys.of(settings.redis)
 
 
 @contextlib.contextmanager
@@ -1026,13 +1026,17 @@ def _show_replay(result: pipeline.Replay) -> None:
 def _clear_queue(client: redis.Redis, keys: RedisKeys) -> dict[str, int]:
     """Queue state: pending and in-flight orders, counters, rate window, signal log, re-drive
     markers."""
-    prefix = glob_escape(keys.prefix)
-    named = {name: getattr(keys, name) for name in
-             ("ingestion", "dequeued", "queue_marks", "inflight", "owners", "staged",
-              "redriven", "counters", "order_window", "signals_stream")}
-    removed = {key: int(client.unlink(key)) for key in named.values()}
-    removed[f"{keys.prefix}:batch:*"] = unlink_matching(client, f"{prefix}:batch:*")
-    removed[f"{keys.prefix}:signal:*"] = unlink_matching(client, f"{prefix}:signal:*")
+    removed: dict[str, int] = {}
+    for space in keys.shard_spaces:  # each shard's queue state, then the prefix's own keys
+        for name in ("ingestion", "dequeued", "queue_marks", "inflight", "owners", "staged",
+                     "redriven", "counters"):
+            removed[getattr(space, name)] = int(client.unlink(getattr(space, name)))
+        removed[f"{space.prefix}:batch:*"] = unlink_matching(
+            client, f"{glob_escape(space.prefix)}:batch:*")
+    for key in (keys.order_window, keys.signals_stream):
+        removed[key] = int(client.unlink(key))
+    removed[f"{keys.prefix}:signal:*"] = unlink_matching(
+        client, f"{glob_escape(keys.prefix)}:signal:*")
     return removed
 
 

@@ -89,12 +89,18 @@ def check_conservation(client: redis.Redis, keys: RedisKeys,
      quarantined) = conn.execute(_LEDGER_TOTALS).fetchone()
     conn.rollback()
     in_flight = unstaged_batch_orders(client, keys, conn)
-    pipe = client.pipeline(transaction=True)  # no producer's MULTI lands between the two
-    pipe.hmget(keys.counters, ["accepted", REDRIVEN_COUNTER, REPLAYED_COUNTER])
-    pipe.llen(keys.ingestion)
-    (accepted, redriven, replayed), queued = pipe.execute()
+    accepted = redriven = replayed = queued = 0
+    for space in keys.shard_spaces:
+        pipe = client.pipeline(transaction=True)  # no producer's MULTI lands between the two
+        pipe.hmget(space.counters, ["accepted", REDRIVEN_COUNTER, REPLAYED_COUNTER])
+        pipe.llen(space.ingestion)
+        counts, length = pipe.execute()
+        accepted, redriven, replayed = (total + int(count or 0) for total, count in
+                                        zip((accepted, redriven, replayed), counts,
+                                            strict=True))
+        queued += int(length)
     return Conservation(
-        accepted=int(accepted or 0), redriven=int(redriven or 0), replayed=int(replayed or 0),
+        accepted=accepted, redriven=redriven, replayed=replayed,
         orders=int(orders),
         promotion_conflicts=int(conflicts),
         rejected=int(rejected), duplicates_dropped=int(duplicates),

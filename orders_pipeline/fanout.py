@@ -60,7 +60,7 @@ class RelayResult:
 
 def promoted_stream(settings: Settings) -> PromotedStream:
     """The stream of this deployment's key prefix."""
-    return PromotedStream(redis_client(settings.redis), RedisKeys(settings.redis.key_prefix))
+    return PromotedStream(redis_client(settings.redis), RedisKeys.of(settings.redis))
 
 
 def relay(settings: Settings) -> RelayResult:

@@ -201,6 +201,16 @@ def build_payloads(refs: References, count: int, *, duplicates: float = 0.0,
     return payloads, {"unique_valid": n_valid, "duplicates": n_dup, "invalid": n_bad}
 
 
+def routing_id(payload: bytes) -> bytes | None:
+    """The `order_id` of a payload as UTF-8 bytes, to route it to its queue shard; None for a
+    payload without a readable string id (it is rejected wherever it goes)."""
+    try:
+        order_id = json.loads(payload).get("order_id")
+    except (ValueError, AttributeError):
+        return None
+    return order_id.encode("utf-8", "surrogatepass") if isinstance(order_id, str) else None
+
+
 def push_payloads(queue: OrderQueue, backpressure: Backpressure, payloads: list[bytes],
                   batch_size: int, *, on_progress: Callable[[int], None] | None = None,
                   on_wait: Callable[[int], None] | None = None) -> tuple[int, float]:
@@ -210,7 +220,10 @@ def push_payloads(queue: OrderQueue, backpressure: Backpressure, payloads: list[
     for start in range(0, len(payloads), batch_size):
         chunk = payloads[start:start + batch_size]
         waited += backpressure.wait_for_room(on_wait)
-        queue.push_batch(chunk)
+        if len(queue.shards) == 1:
+            queue.push_batch(chunk)
+        else:
+            queue.push_orders(chunk, [routing_id(p) for p in chunk])
         batches += 1
         if on_progress is not None:
             on_progress(len(chunk))

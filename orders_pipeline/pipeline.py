@@ -220,7 +220,7 @@ def reconcile_batches(settings: Settings) -> Reconciled:
     a producer's next signal. Returns how many batches were released and requeued.
     """
     client = redis_client(settings.redis)
-    queue = OrderQueue(client, RedisKeys(settings.redis.key_prefix))
+    queue = OrderQueue(client, RedisKeys.of(settings.redis))
     staged = queue.staged_batch_ids()
     claimed = queue.claimed_batch_ids()
     with pg_pool(settings.postgres).connection() as conn:
@@ -252,7 +252,7 @@ def promote_staged(settings: Settings, max_batches_per_round: int = 400) -> Prom
     and whatever an earlier relay left; `entries_published`).
     """
     client = redis_client(settings.redis)
-    queue = OrderQueue(client, RedisKeys(settings.redis.key_prefix))
+    queue = OrderQueue(client, RedisKeys.of(settings.redis))
     reconcile_batches(settings)
     finish_redrives(settings)
     total = PromotionResult()
@@ -305,7 +305,7 @@ def readmit_quarantined(settings: Settings,
     still poison. Raises NotQuarantined if a named batch is not quarantined; re-running after
     a failure finishes the job (a batch is quarantined in the ledger until it commits).
     """
-    queue = OrderQueue(redis_client(settings.redis), RedisKeys(settings.redis.key_prefix))
+    queue = OrderQueue(redis_client(settings.redis), RedisKeys.of(settings.redis))
     with pg_pool(settings.postgres).connection() as conn, conn.transaction():
         batches = quarantined_batches(conn, batch_ids, lock=True)
         missing = set(queue.missing_batch_lists([b.batch_id for b in batches]))
@@ -360,7 +360,7 @@ def redrive_rejected(settings: Settings, selection: RejectFilter, *,
     the live lookup snapshot picked up any change), psycopg's InvalidRegularExpression for a
     bad reason pattern.
     """
-    queue = OrderQueue(redis_client(settings.redis), RedisKeys(settings.redis.key_prefix))
+    queue = OrderQueue(redis_client(settings.redis), RedisKeys.of(settings.redis))
     if selection.unknown_references:
         selection = _since_lookup_change(settings, queue, selection)
     selection.check()
@@ -428,7 +428,7 @@ def finish_redrives(settings: Settings) -> list[str]:
     pushed). Cheap when there is nothing to do (one HKEYS, one indexed query): every
     promotion calls it.
     """
-    queue = OrderQueue(redis_client(settings.redis), RedisKeys(settings.redis.key_prefix))
+    queue = OrderQueue(redis_client(settings.redis), RedisKeys.of(settings.redis))
     with pg_pool(settings.postgres).connection() as conn:
         _forget_recorded(conn, queue, REDRIVES)
         return _push_outboxed(conn, queue, REDRIVES, REDRIVES.pending_batches(conn))
@@ -490,7 +490,7 @@ def replay_window(settings: Settings, window: Window, *, reprocess: bool = False
         contents = replay.preview(conn, window)
     if dry_run:
         return Replay(window, reprocess, True, contents)
-    queue = OrderQueue(redis_client(settings.redis), RedisKeys(settings.redis.key_prefix))
+    queue = OrderQueue(redis_client(settings.redis), RedisKeys.of(settings.redis))
     with pg_pool(settings.postgres).connection() as conn:
         _forget_recorded(conn, queue, REPLAYS)
         planned = replay.plan(conn, window, reprocess)

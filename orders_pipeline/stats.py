@@ -61,7 +61,7 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
     """A snapshot of the pipeline; raises SchemaMissing before `init-db` was run."""
     postgres = _postgres_numbers(settings)
     client = redis_client(settings.redis)
-    keys = RedisKeys(settings.redis.key_prefix)
+    keys = RedisKeys.of(settings.redis)
     tuning = settings.pipeline
     now = time.time()
     queue = OrderQueue(client, keys)
@@ -74,7 +74,9 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
         "collected_at": datetime.fromtimestamp(now, UTC).isoformat(),
         "key_prefix": settings.redis.key_prefix,
         "database": settings.postgres.dbname,
-        "queue_depth": int(client.llen(keys.ingestion)),
+        "queue_depth": queue.depth(),
+        "queue_shards": len(queue.shards),
+        "queue_depth_by_shard": [shard.depth() for shard in queue.shards],
         "in_flight": claimed_orders + staged_orders,
         "claimed_batches": claimed_batches,
         "claimed_orders": claimed_orders,
@@ -82,7 +84,7 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
         "staged_orders": staged_orders,
         "backpressure_active": Backpressure(client, keys, tuning.max_queue_depth).is_active(),
         "max_queue_depth": tuning.max_queue_depth,
-        "accepted": int(client.hget(keys.counters, "accepted") or 0),
+        "accepted": queue.counter("accepted"),
         "backpressure_waits": int(client.hget(keys.counters, "backpressure_waits") or 0),
         "signals_refused": int(client.hget(keys.counters, REFUSED_COUNTER) or 0),
         "dedup_window_size": DedupWindow(client, keys, tuning.dedup_window_seconds).size(),

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TypeVar
 
 import polars as pl
 import psycopg
@@ -40,6 +41,7 @@ from orders_pipeline.redis_patterns.queue import ClaimedBatch, OrderQueue
 from orders_pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 TRANSIENT_RETRIES = 6
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, psycopg.OperationalError,
@@ -209,7 +211,7 @@ class StagingWorker:
                  client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.client = client or redis_client(settings.redis)
-        self.keys = RedisKeys(settings.redis.key_prefix)
+        self.keys = RedisKeys.of(settings.redis)
         tuning = settings.pipeline
         self.queue = OrderQueue(self.client, self.keys, tuning.claim_timeout_seconds)
         self.dedup = DedupWindow(self.client, self.keys, tuning.dedup_window_seconds)
@@ -235,7 +237,8 @@ class StagingWorker:
             staged = enriched.unique(subset="order_id", keep="first", maintain_order=True)
         else:
             tokens = [f"{batch.batch_id}:{p}" for p in enriched["batch_position"].to_list()]
-            keep = self.dedup.check_and_mark(enriched["order_id"].to_list(), tokens)
+            keep = self.dedup.check_and_mark(enriched["order_id"].to_list(), tokens,
+                                             shard=batch.shard)
             staged = enriched.filter(pl.Series(keep, dtype=pl.Boolean)) if keep else enriched
         crash_point("after_dedup")
         rejects = pl.concat([
@@ -277,20 +280,34 @@ class StagingWorker:
         Processing is idempotent, so retrying is safe; after the last attempt the error
         propagates and the batch stays in flight, to be reclaimed once its lease expires.
         """
+        def keep_lease() -> None:
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                self.queue.extend_lease(batch)
+
+        return self._retried(lambda: self.process(batch), f"batch {batch.batch_id[:12]}",
+                             keep_lease)
+
+    @staticmethod
+    def _retried(call: Callable[[], T], what: str = "claim",
+                 after_wait: Callable[[], None] | None = None) -> T:
+        """`call()`, retried through transient server errors (a restart, a failover, a slot
+        moving) with exponential backoff (0.4 s doubling, at most 5 s); after
+        TRANSIENT_RETRIES attempts the error propagates. `after_wait` runs after each
+        backoff (e.g. to extend a lease)."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                return self.process(batch)
+                return call()
             except TRANSIENT_ERRORS as exc:
                 if attempt >= TRANSIENT_RETRIES:
                     raise
                 delay = min(0.2 * 2**attempt, 5.0)
-                log.warning("batch %s: %s; retry %d in %.1fs", batch.batch_id[:12],
-                            exc, attempt, delay)
+                log.warning("%s: %s: %s; retry %d in %.1fs", what, type(exc).__name__, exc,
+                            attempt, delay)
                 time.sleep(delay)
-                with contextlib.suppress(*TRANSIENT_ERRORS):
-                    self.queue.extend_lease(batch)
+                if after_wait is not None:
+                    after_wait()
 
     def drain(self, batch_size: int, max_batches: int | None = None,
               on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:
@@ -307,9 +324,10 @@ class StagingWorker:
         started = time.perf_counter()
         waiting_for_leases = False
         while max_batches is None or stats.batches < max_batches:
-            batch = self.next_batch(batch_size)
+            batch = self._retried(lambda: self.next_batch(batch_size))
             if batch is None:
-                until_expiry = self.queue.seconds_until_lease_expiry()
+                until_expiry = self._retried(self.queue.seconds_until_lease_expiry,
+                                             "lease reading")
                 if until_expiry is None:
                     break
                 if not waiting_for_leases:

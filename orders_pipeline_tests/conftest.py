@@ -75,7 +75,7 @@ def settings(test_id: str) -> Iterator[Settings]:
 
 @pytest.fixture
 def keys(settings: Settings) -> RedisKeys:
-    return RedisKeys(settings.redis.key_prefix)
+    return RedisKeys.of(settings.redis)
 
 
 @pytest.fixture

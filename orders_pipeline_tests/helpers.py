@@ -17,7 +17,7 @@ from psycopg import sql
 from orders_pipeline import generator
 from orders_pipeline.postgres_patterns.views import ROLLUPS
 from orders_pipeline.redis_patterns.backpressure import Backpressure
-from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape
 from orders_pipeline.redis_patterns.lookup_cache import LOOKUP_TABLES
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.resources import resources_for  # noqa: F401  (re-exported for tests)
@@ -79,7 +79,7 @@ def push_orders(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection, 
     """Generate `count` payloads (duplicates/invalid fractions in `mix`) and enqueue them."""
     refs = generator.References.load(pg)
     payloads, summary = generator.build_payloads(refs, count, seed=seed, **mix)
-    keys = RedisKeys(settings.redis.key_prefix)
+    keys = RedisKeys.of(settings.redis)
     generator.push_payloads(OrderQueue(rconn, keys), Backpressure(rconn, keys, 10**9),
                             payloads, batch_size=batch_size)
     return payloads, summary
@@ -102,12 +102,15 @@ def expire_leases(client: redis.Redis, keys: RedisKeys) -> int:
     Sets each deadline in `{P}:inflight` to 0 (ms, Redis clock), as `OrderQueue.requeue`
     does, so the next `reclaim_expired` or drain takes the batches over at once, as if
     their workers had died a lease ago. Batches released meanwhile are not re-added (XX).
-    Returns how many leases ran out.
+    Returns how many leases ran out (in every shard of `keys`).
     """
-    batch_ids = client.zrange(keys.inflight, 0, -1)
-    if batch_ids:
-        client.zadd(keys.inflight, dict.fromkeys(batch_ids, 0), xx=True)
-    return len(batch_ids)
+    expired = 0
+    for space in keys.shard_spaces:
+        batch_ids = client.zrange(space.inflight, 0, -1)
+        if batch_ids:
+            client.zadd(space.inflight, dict.fromkeys(batch_ids, 0), xx=True)
+        expired += len(batch_ids)
+    return expired
 
 
 def assert_exactly_once(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
@@ -124,10 +127,11 @@ def assert_exactly_once(settings: Settings, rconn: redis.Redis, pg: psycopg.Conn
     duplicates = pg.execute("SELECT coalesce(sum(duplicate_rows), 0) FROM ingest_batches"
                             " WHERE status = 'promoted'").fetchone()[0]
     assert len(ids) + len(rejected) + duplicates == len(payloads)
-    keys = RedisKeys(settings.redis.key_prefix)
-    assert rconn.llen(keys.ingestion) == 0
-    assert rconn.zcard(keys.inflight) == 0 and rconn.zcard(keys.staged) == 0
-    assert not list(rconn.scan_iter(match=f"{keys.prefix}:batch:*", count=10_000))
+    for keys in RedisKeys.of(settings.redis).shard_spaces:
+        assert rconn.llen(keys.ingestion) == 0
+        assert rconn.zcard(keys.inflight) == 0 and rconn.zcard(keys.staged) == 0
+        assert not list(rconn.scan_iter(match=f"{glob_escape(keys.prefix)}:batch:*",
+                                        count=10_000))
 
 
 def fresh_example(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection) -> Settings:

@@ -20,15 +20,22 @@ class Backpressure:
         self.max_queue_depth = max_queue_depth
         self.poll_seconds = poll_seconds
 
+    def depth(self) -> int:
+        """Orders queued in every shard (`RedisKeys.shard_spaces`)."""
+        pipe = self.client.pipeline(transaction=False)
+        for space in self.keys.shard_spaces:
+            pipe.llen(space.ingestion)
+        return sum(int(n) for n in pipe.execute())
+
     def is_active(self) -> bool:
-        return int(self.client.llen(self.keys.ingestion)) >= self.max_queue_depth
+        return self.depth() >= self.max_queue_depth
 
     def wait_for_room(self, on_wait: Callable[[int], None] | None = None,
                       timeout_seconds: float | None = None) -> float:
         """Block while the queue is at or over the limit; returns seconds waited."""
         started = time.monotonic()
         announced = False
-        while (depth := int(self.client.llen(self.keys.ingestion))) >= self.max_queue_depth:
+        while (depth := self.depth()) >= self.max_queue_depth:
             if not announced:
                 self.client.hincrby(self.keys.counters, "backpressure_waits", 1)
                 if on_wait is not None:

@@ -4,6 +4,10 @@ Each id is marked with the token `batch_id:position` of the order that first cla
 redelivered batch (reclaimed after a worker died) carries the same tokens, so it is recognised
 as the owner and never dropped as a duplicate of itself; a different order with the same id
 is a true duplicate. Every key expires `window_seconds` after it was set: no cron.
+
+With K shards (`RedisKeys.shards`) each shard has its own window under its hash tag: a batch
+is checked in the shard it was claimed from, which holds every copy of its ids that producers
+routed by id (`OrderQueue.push_orders`), so the check stays one atomic call per batch.
 """
 
 from collections.abc import Sequence
@@ -42,20 +46,24 @@ class DedupWindow:
     def __init__(self, client: redis.Redis, keys: RedisKeys, window_seconds: int) -> None:
         self.client = client
         self.keys = keys
+        self.spaces = keys.shard_spaces
         self.window_seconds = window_seconds
         self._check_and_mark = client.register_script(_CHECK_AND_MARK)
 
-    def check_and_mark(self, order_ids: Sequence[str], tokens: Sequence[str]) -> list[bool]:
+    def check_and_mark(self, order_ids: Sequence[str], tokens: Sequence[str], *,
+                       shard: int = 0) -> list[bool]:
         """For each order: True if it should be kept, False if it is a duplicate.
 
-        One server-side call per batch; ids are marked atomically with the check.
+        One server-side call per batch, in the window of `shard`; ids are marked atomically
+        with the check.
         """
         if not order_ids:
             return []
         if len(order_ids) != len(tokens):
             raise ValueError("one token per order id")
+        space = self.spaces[shard]
         minute = int(self.client.time()[0]) // 60
-        keys = [self.keys.dedup_count(minute), *map(self.keys.dedup, order_ids)]
+        keys = [space.dedup_count(minute), *map(space.dedup, order_ids)]
         args = [self.window_seconds, self.window_seconds + 120, *tokens]
         result = self._check_and_mark(keys=keys, args=args)
         return [bool(flag) for flag in result]
@@ -64,10 +72,12 @@ class DedupWindow:
         """Ids first seen within the window (minute granularity at its far edge)."""
         now_minute = int(self.client.time()[0]) // 60
         minutes = range(now_minute - self.window_seconds // 60, now_minute + 1)
-        values = self.client.mget([self.keys.dedup_count(m) for m in minutes])
-        return sum(int(v) for v in values if v is not None)
+        return sum(int(v) for space in self.spaces
+                   for v in self.client.mget([space.dedup_count(m) for m in minutes])
+                   if v is not None)
 
     def clear(self) -> int:
         """Forget every id (CLI `clear --dedup`); returns the number of keys removed."""
-        return (unlink_matching(self.client, f"{glob_escape(self.keys.dedup_id_prefix)}*")
-                + unlink_matching(self.client, f"{glob_escape(self.keys.dedup_count_prefix)}*"))
+        return sum(unlink_matching(self.client, f"{glob_escape(prefix)}*")
+                   for space in self.spaces
+                   for prefix in (space.dedup_id_prefix, space.dedup_count_prefix))

@@ -2,14 +2,36 @@
 
 With a prefix such as `{orders}` every key shares one Redis Cluster hash tag, so the Lua
 scripts that touch several keys stay on one slot.
+
+Shards (REDIS_SHARDS = K): the queue and the dedup window can be split over K key spaces,
+each under its own hash tag, so that a Redis Cluster of several masters holds and serves K
+times as much. Shard 0 is the prefix itself (`{P}:ingestion` stays the list that foreign
+producers LPUSH to); shard s > 0 replaces the prefix's hash tag `{t}` by `{t.n}` (an untagged
+prefix `P` gets `P:{s.n}`), with the smallest n that puts the tag's slot in the s-th of K equal
+ranges of the 16,384 slots, skipping the range of shard 0's slot: on a cluster whose masters
+hold equal slot ranges, K shards (K a multiple of the masters) spread evenly. Everything of one
+shard (its list, leases, batch lists, dedup keys, counters) stays in one slot, so each shard's
+claims and dedup remain atomic Lua calls. Global keys (lookup snapshot, completion signals,
+the promoted stream, the order-rate window) stay under the prefix.
 """
 
+import functools
 import hashlib
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import redis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 GLOB_SPECIAL = "\\*?[]"
+
+
+class KeySettings(Protocol):
+    """What `RedisKeys.of` reads (`settings.RedisSettings` has both)."""
+
+    key_prefix: str
+    shards: int
 
 
 def glob_escape(text: str) -> str:
@@ -31,9 +53,88 @@ def unlink_matching(client: redis.Redis, pattern: str, chunk: int = 5000) -> int
     return removed
 
 
+def _hash_tag(key: str) -> tuple[int, int] | None:
+    """(start, end) of the hash tag's text in `key` (the cluster specification's rule: the
+    first `{` and the first `}` after it, with at least one character between), or None."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return (start + 1, end) if start >= 0 and end > start + 1 else None
+
+
+def _slot_range(slot: int, shards: int) -> int:
+    return slot * shards // REDIS_CLUSTER_HASH_SLOTS
+
+
+@functools.lru_cache(maxsize=64)
+def shard_prefixes(prefix: str, shards: int) -> tuple[str, ...]:
+    """The key prefix of each of `shards` shards; shard 0 is `prefix` itself (see the module
+    docstring for how the others are named and spread over the slots)."""
+    if shards <= 1:
+        return (prefix,)
+    tag = _hash_tag(prefix)
+    base = prefix[tag[0]:tag[1]] if tag else "s"
+
+    def named(n: int) -> tuple[str, str]:
+        inner = f"{base}.{n}"
+        if tag:
+            return inner, f"{prefix[:tag[0]]}{inner}{prefix[tag[1]:]}"
+        return inner, f"{prefix}:{{{inner}}}"
+
+    own = _slot_range(key_slot(prefix.encode()), shards)
+    ranges = [r for r in range(shards) if r != own]
+    prefixes = [prefix]
+    n = 0
+    for wanted in ranges:
+        while True:
+            inner, candidate = named(n)
+            n += 1
+            if _slot_range(key_slot(inner.encode()), shards) == wanted:
+                prefixes.append(candidate)
+                break
+    return tuple(prefixes)
+
+
+def shard_of_order(order_id: bytes, shards: int) -> int:
+    """The shard a producer routes an order to: BLAKE2b of its id's UTF-8 bytes, modulo
+    `shards`; every copy of one id goes to one shard, where its dedup key lives."""
+    if shards <= 1:
+        return 0
+    digest = hashlib.blake2b(order_id, digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+_SHARDED_BATCH_ID = re.compile(r"[0-9a-f]{32}\.s([0-9]{1,3})")
+
+
+def batch_id_in(shard: int, token: str) -> str:
+    """The id of a batch claimed from `shard` (`token`: 32 hex digits): the token itself in
+    shard 0, `<token>.s<shard>` elsewhere, so the shard can be read back from the id alone."""
+    return token if shard == 0 else f"{token}.s{shard}"
+
+
+def shard_of_batch(batch_id: str) -> int:
+    """The shard holding a batch, read from its id (`batch_id_in`); re-drive, replay and
+    foreign batch ids belong to shard 0."""
+    match = _SHARDED_BATCH_ID.fullmatch(batch_id)
+    return int(match.group(1)) if match else 0
+
+
 @dataclass(frozen=True)
 class RedisKeys:
     prefix: str = "orders"
+    # Shards of the queue and the dedup window (REDIS_SHARDS); these keys are shard 0's.
+    shards: int = 1
+
+    @classmethod
+    def of(cls, settings: KeySettings) -> "RedisKeys":
+        """The key space of a deployment: its prefix and shard count."""
+        return cls(settings.key_prefix, settings.shards)
+
+    @property
+    def shard_spaces(self) -> list["RedisKeys"]:
+        """One single-shard key space per shard, shard 0 first (keys named as this one's)."""
+        return [replace(self, prefix=p, shards=1)
+                for p in shard_prefixes(self.prefix, self.shards)]
 
     @property
     def ingestion(self) -> str:

@@ -19,14 +19,24 @@ the list; a list deleted by hand loses its marks at the next push or reading, un
 LPUSHes have refilled it past its old length by then (those orders then read as older).
 """
 
+import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
-from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.keys import (
+    RedisKeys,
+    batch_id_in,
+    shard_of_batch,
+    shard_of_order,
+)
 from orders_pipeline.redis_patterns.signals import CompletionSignals
+
+T = TypeVar("T")
 
 # `{P}:counters` fields: orders put back in flight by a re-drive of rejected orders, and by a
 # replay of archived batches.
@@ -136,6 +146,18 @@ class QueueGauges:
         """Batches taken from the queue and not released yet: claimed plus staged."""
         return self.claimed_batches + self.staged_batches
 
+    @classmethod
+    def combined(cls, shards: Sequence["QueueGauges"]) -> "QueueGauges":
+        """The readings of every shard as one: counts summed, waits the longest."""
+        return cls(
+            queue_depth=sum(g.queue_depth for g in shards),
+            oldest_queued_wait_seconds=max(g.oldest_queued_wait_seconds for g in shards),
+            claimed_batches=sum(g.claimed_batches for g in shards),
+            staged_batches=sum(g.staged_batches for g in shards),
+            oldest_staged_wait_seconds=max(g.oldest_staged_wait_seconds for g in shards),
+            quarantined_batches=sum(g.quarantined_batches for g in shards),
+        )
+
 
 @dataclass(frozen=True)
 class ClaimedBatch:
@@ -144,15 +166,31 @@ class ClaimedBatch:
     payloads: list[bytes]
     reclaimed: bool = False
 
+    @property
+    def shard(self) -> int:
+        """The queue shard the batch was claimed from (read from its id)."""
+        return shard_of_batch(self.batch_id)
 
-class OrderQueue:
-    """Reliable batch queue on a Redis list with per-batch leases."""
 
-    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: int = 60) -> None:
+class QueueShard:
+    """One shard of the queue: a Redis list with per-batch leases, all under one hash tag.
+
+    `keys` are the shard's own (`RedisKeys.shard_spaces`); completion signals go to `signals`,
+    which live under the deployment's prefix. In shard 0 (the prefix itself) a push or
+    requeue and its signal are one MULTI; in another shard they are two, shard first (a
+    cluster refuses a MULTI across slots): if the process dies in between, the orders wait
+    queued or in flight without a signal of their own until the next run drains the queue
+    (any signal, `process --follow`, or the stalled-queue check `orders_wait_within_limit`).
+    """
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: int = 60, *,
+                 signals: CompletionSignals | None = None, shard: int = 0) -> None:
         self.client = client
         self.keys = keys
+        self.shard = shard
         self.lease_ms = lease_seconds * 1000
-        self.signals = CompletionSignals(client, keys)
+        self.signals = signals or CompletionSignals(client, keys)
+        self._signal_apart = self.signals.keys.prefix != keys.prefix
         self._claim = client.register_script(_CLAIM)
         self._date_queue = client.register_script(_DATE_QUEUE)
         self._reclaim = client.register_script(_RECLAIM)
@@ -170,10 +208,22 @@ class OrderQueue:
         pipe = self.client.pipeline(transaction=True)
         pipe.lpush(self.keys.ingestion, *payloads)
         pipe.hincrby(self.keys.counters, "accepted", len(payloads))
-        self.signals.record(pipe, batch_id, len(payloads))
         self._date_queue(keys=self._dating_keys, args=[len(payloads)], client=pipe)
-        pipe.execute()
+        self._execute_with_signal(pipe, batch_id, len(payloads))
         return batch_id
+
+    def _execute_with_signal(self, pipe: redis.client.Pipeline, signal_id: str,
+                             orders: int) -> None:
+        """Run `pipe` (a MULTI of this shard) with the completion signal for `orders`: in it,
+        or right after it when the signals live in another slot."""
+        if not self._signal_apart:
+            self.signals.record(pipe, signal_id, orders)
+            pipe.execute()
+            return
+        pipe.execute()
+        signal = self.client.pipeline(transaction=True)
+        self.signals.record(signal, signal_id, orders)
+        signal.execute()
 
     @property
     def _dating_keys(self) -> list[str]:
@@ -204,7 +254,7 @@ class OrderQueue:
 
     def claim_batch(self, max_items: int, owner: str) -> ClaimedBatch | None:
         """Atomically move up to `max_items` orders into a new leased batch."""
-        batch_id = uuid.uuid4().hex
+        batch_id = batch_id_in(self.shard, uuid.uuid4().hex)
         items = self._claim(
             keys=[self.keys.ingestion, self.keys.inflight, self.keys.owners,
                   self.keys.batch(batch_id), self.keys.dequeued, self.keys.queue_marks],
@@ -279,8 +329,7 @@ class OrderQueue:
         pipe.zrem(self.keys.staged, *batch_ids)
         pipe.zadd(self.keys.inflight, dict.fromkeys(batch_ids, 0))
         pipe.hdel(self.keys.owners, *batch_ids)
-        self.signals.record(pipe, signal_id, orders)
-        pipe.execute()
+        self._execute_with_signal(pipe, signal_id, orders)
         return signal_id
 
     def seconds_until_lease_expiry(self) -> float | None:
@@ -419,3 +468,157 @@ class OrderQueue:
     def _now_ms(self) -> int:
         seconds, micros = self.client.time()
         return int(seconds) * 1000 + int(micros) // 1000
+
+
+class OrderQueue:
+    """The ingestion queue of a deployment: its K shards (`RedisKeys.shards`) as one queue.
+
+    Producers route each order to the shard of its id (`push_orders`) or push a whole batch to
+    one shard (`push_batch`, shard 0 by default: the list `{P}:ingestion`). Workers claim from
+    the shards in turn, starting at a random one; a batch's shard is part of its id, so every
+    call naming batch ids goes to their shards. Readings (`gauges`, `depth`, ...) sum the
+    shards; each shard's reading is one instant, the sum is not. With one shard this is
+    exactly that shard.
+    """
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, lease_seconds: int = 60) -> None:
+        self.client = client
+        self.keys = keys
+        self.signals = CompletionSignals(client, keys)
+        self.shards = [QueueShard(client, space, lease_seconds, signals=self.signals, shard=n)
+                       for n, space in enumerate(keys.shard_spaces)]
+        self._turn = random.randrange(len(self.shards))
+
+    @property
+    def lease_ms(self) -> int:
+        return self.shards[0].lease_ms
+
+    def _by_shard(self, batch_ids: Iterable[str]) -> dict[int, list[str]]:
+        grouped: dict[int, list[str]] = defaultdict(list)
+        for batch_id in batch_ids:
+            grouped[shard_of_batch(batch_id)].append(batch_id)
+        return grouped
+
+    def _each(self, call: Callable[[QueueShard], T]) -> list[T]:
+        return [call(shard) for shard in self.shards]
+
+    def _rotation(self) -> list[QueueShard]:
+        self._turn = (self._turn + 1) % len(self.shards)
+        return self.shards[self._turn:] + self.shards[:self._turn]
+
+    def push_batch(self, payloads: Sequence[bytes], batch_id: str | None = None, *,
+                   shard: int = 0) -> str:
+        """Enqueue one batch in one shard (`QueueShard.push_batch`); returns its signal id."""
+        return self.shards[shard].push_batch(payloads, batch_id)
+
+    def push_orders(self, payloads: Sequence[bytes], order_ids: Sequence[bytes | None]
+                    ) -> list[str]:
+        """Enqueue payloads, each in the shard of its order id (`keys.shard_of_order`; None,
+        for a payload without a readable id, goes to shard 0), one batch and signal per shard
+        used, in the given order within each. Returns the signal ids."""
+        if len(self.shards) == 1:
+            return [self.push_batch(payloads)]
+        parts: dict[int, list[bytes]] = defaultdict(list)
+        for payload, order_id in zip(payloads, order_ids, strict=True):
+            parts[0 if order_id is None else shard_of_order(order_id, len(self.shards))
+                  ].append(payload)
+        return [self.push_batch(part, shard=n) for n, part in sorted(parts.items())]
+
+    def gauges(self) -> QueueGauges:
+        return QueueGauges.combined(self._each(QueueShard.gauges))
+
+    def claim_batch(self, max_items: int, owner: str) -> ClaimedBatch | None:
+        """Claim from the next shard that has orders (`QueueShard.claim_batch`)."""
+        for shard in self._rotation():
+            batch = shard.claim_batch(max_items, owner)
+            if batch is not None:
+                return batch
+        return None
+
+    def reclaim_expired(self, owner: str) -> ClaimedBatch | None:
+        for shard in self._rotation():
+            batch = shard.reclaim_expired(owner)
+            if batch is not None:
+                return batch
+        return None
+
+    def extend_lease(self, batch: ClaimedBatch) -> bool:
+        return self.shards[batch.shard].extend_lease(batch)
+
+    def mark_staged(self, batch: ClaimedBatch) -> bool:
+        return self.shards[batch.shard].mark_staged(batch)
+
+    def release(self, batch_ids: Sequence[str]) -> None:
+        for n, ids in self._by_shard(batch_ids).items():
+            self.shards[n].release(ids)
+
+    def requeue(self, batch_ids: Sequence[str]) -> str | None:
+        """`QueueShard.requeue` in each shard concerned; returns the last signal id."""
+        signal_id = None
+        for n, ids in self._by_shard(batch_ids).items():
+            signal_id = self.shards[n].requeue(ids)
+        return signal_id
+
+    def quarantine(self, batch_ids: Sequence[str]) -> int:
+        return sum(self.shards[n].quarantine(ids)
+                   for n, ids in self._by_shard(batch_ids).items())
+
+    def readmit(self, batch_ids: Sequence[str],
+                restore: Mapping[str, Sequence[bytes]]) -> str | None:
+        signal_id = None
+        for n, ids in self._by_shard(batch_ids).items():
+            signal_id = self.shards[n].readmit(ids, {b: restore[b] for b in ids if b in restore})
+        return signal_id
+
+    def missing_batch_lists(self, batch_ids: Sequence[str]) -> list[str]:
+        missing = {b for n, ids in self._by_shard(batch_ids).items()
+                   for b in self.shards[n].missing_batch_lists(ids)}
+        return [b for b in batch_ids if b in missing]
+
+    def batch_payloads(self, batch_id: str) -> list[bytes]:
+        return self.shards[shard_of_batch(batch_id)].batch_payloads(batch_id)
+
+    def orders_in(self, batch_ids: Sequence[str]) -> int:
+        return sum(self.shards[n].orders_in(ids) for n, ids in self._by_shard(batch_ids).items())
+
+    def push_redriven(self, batch_id: str, payloads: Sequence[bytes], *,
+                      counter: str = REDRIVEN_COUNTER) -> bool:
+        """Re-driven and replayed batches go to shard 0 (`QueueShard.push_redriven`)."""
+        return self.shards[0].push_redriven(batch_id, payloads, counter=counter)
+
+    def redriven_markers(self) -> list[str]:
+        return self.shards[0].redriven_markers()
+
+    def forget_redriven(self, batch_ids: Sequence[str]) -> None:
+        self.shards[0].forget_redriven(batch_ids)
+
+    def seconds_until_lease_expiry(self) -> float | None:
+        """The earliest lease of any shard (see `QueueShard.seconds_until_lease_expiry`)."""
+        found = [s for s in self._each(QueueShard.seconds_until_lease_expiry) if s is not None]
+        return min(found, default=None)
+
+    def expired_batch_ids(self) -> list[str]:
+        return [b for ids in self._each(QueueShard.expired_batch_ids) for b in ids]
+
+    def staged_batch_ids(self) -> list[str]:
+        return [b for ids in self._each(QueueShard.staged_batch_ids) for b in ids]
+
+    def claimed_batch_ids(self) -> list[str]:
+        return [b for ids in self._each(QueueShard.claimed_batch_ids) for b in ids]
+
+    def depth(self) -> int:
+        return sum(self._each(QueueShard.depth))
+
+    def in_flight_orders(self) -> int:
+        return sum(self._each(QueueShard.in_flight_orders))
+
+    def claimed_batches(self) -> int:
+        return sum(self._each(QueueShard.claimed_batches))
+
+    def counter(self, name: str) -> int:
+        """A field of `{P}:counters` summed over the shards (e.g. `accepted`)."""
+        return sum(int(self.client.hget(shard.keys.counters, name) or 0)
+                   for shard in self.shards)
+
+    def server_run_id(self) -> str:
+        return self.shards[0].server_run_id()

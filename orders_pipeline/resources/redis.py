@@ -23,4 +23,4 @@ class RedisResource(declared_fields(RedisSettings)):  # type: ignore[misc]
         return redis_client(self.settings())
 
     def key_space(self) -> RedisKeys:
-        return RedisKeys(self.key_prefix)
+        return RedisKeys(self.key_prefix, self.shards)
