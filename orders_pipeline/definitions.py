@@ -10,6 +10,7 @@ from orders_pipeline.assets import checks, fanout, lookup, orders, queue, replay
 from orders_pipeline.assets.backup import backup_job
 from orders_pipeline.assets.catalog import rendered
 from orders_pipeline.assets.redrive import redrive_rejected_job
+from orders_pipeline.executors import executor_from_env
 from orders_pipeline.jobs import ingest_orders_job
 from orders_pipeline.resources import resources_from_env
 from orders_pipeline.sensors import (
@@ -36,7 +37,8 @@ defs = dg.Definitions(
     sensors=[completion_signal_sensor, queue.MONITOR.sensor, lookup_sources_sensor,
              automation_condition_sensor, fanout.promoted_stream_observation_sensor],
     resources=resources_from_env(),
-    # Worker parallelism lives inside `staged_orders` (N processes); one process per run
-    # avoids paying Dagster's per-step process start-up on every asset.
-    executor=dg.in_process_executor,
+    # DAGSTER_EXECUTOR: in_process (default; one process per run, no per-step start-up, and
+    # `staged_orders` starts its N worker processes in one drain step), multiprocess, or
+    # celery (one drain step per worker, placed on any Celery worker): see `executors`.
+    executor=executor_from_env(),
 )

@@ -31,6 +31,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from orders_pipeline import cli
+from orders_pipeline.assets import orders
 from orders_pipeline.assets.lookup import lookup_cache
 from orders_pipeline.assets.orders import StagingConfig, staged_orders
 from orders_pipeline.connections import close_all
@@ -141,9 +142,12 @@ def test_a_run_that_claims_nothing_while_orders_wait_fails(
     unchecked = StagingConfig.model_construct(workers=1, batch_size=500,
                                               max_batches_per_worker=0)
     resources = resources_for(settings)
-    body = staged_orders.op.compute_fn.decorated_fn  # a direct call would validate the config
+    context = dg.build_op_context()  # the steps' bodies: a run would validate the config
+    plan = orders.plan_staging(context, unchecked, **resources, one_step=True)
+    drained = orders.drain_staging(context, plan, **resources)
     with pytest.raises(dg.Failure) as refused:
-        body(dg.build_asset_context(), config=unchecked, **resources)
+        orders.collect_staging(context, plan, [drained], resources["redis"],
+                               resources["postgres"])
     assert not refused.value.allow_retries
     assert refused.value.description.startswith(
         "staged_orders: claimed nothing while 2000 orders wait (workers=1, batch_size=500, "

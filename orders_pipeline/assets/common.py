@@ -54,14 +54,23 @@ def retried_only_if_transient(body: Callable[P, R]) -> Callable[P, R]:
 
     Anything else propagates unchanged, so RETRY still retries transient errors.
     """
-    @functools.wraps(body)
-    def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return body(*args, **kwargs)
-        except PERMANENT_ERRORS as exc:
-            raise permanent_failure(body.__name__, f"{type(exc).__name__}: {exc}",
-                                    error_type=type(exc).__name__) from exc
-    return run
+    return retried_only_if_transient_as(body.__name__)(body)
+
+
+def retried_only_if_transient_as(asset: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """`retried_only_if_transient` for an op of a graph-backed asset: the failure names
+    `asset` (what the catalog shows), not the op. `body` must not be a generator (its errors
+    would escape the wrapper): return the outputs instead of yielding them."""
+    def decorate(body: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(body)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return body(*args, **kwargs)
+            except PERMANENT_ERRORS as exc:
+                raise permanent_failure(asset, f"{type(exc).__name__}: {exc}",
+                                        error_type=type(exc).__name__) from exc
+        return run
+    return decorate
 
 
 RATE_PLACES = 4
