@@ -1,8 +1,11 @@
 """`orders-pipeline-benchmark` (also `python -m benchmarks`, `orders-pipeline benchmark`).
 
-Configuration comes from the same environment variables (and `.env`) as `orders-pipeline`.
-Every expected failure (bad option, bad configuration, a server down, a benchmark process
-that died) is one line on stderr and a non-zero exit code, never a traceback.
+With no subcommand it runs the end-to-end benchmark (`benchmarks.end_to_end`);
+`orders-pipeline-benchmark promotion-scaling ...` runs promotion by shard with 1, 2 and 4
+promoter processes (`benchmarks.promotion_scaling`). Configuration comes from the same
+environment variables (and `.env`) as `orders-pipeline`. Every expected failure (bad option,
+bad configuration, a server down, a benchmark process that died) is one line on stderr and
+a non-zero exit code, never a traceback.
 """
 
 import json
@@ -14,6 +17,14 @@ import psycopg
 import redis
 
 from benchmarks.end_to_end import BenchmarkFailed, BenchmarkOptions, run_benchmark
+from benchmarks.promotion_scaling import (
+    ScalingFailed,
+    ScalingOptions,
+    parse_counts,
+    print_progress,
+    render_scaling,
+    run_scaling,
+)
 from benchmarks.report import render_benchmark
 from orders_pipeline.connections import close_all, redis_client
 from orders_pipeline.pipeline import WorkerFailed
@@ -86,7 +97,10 @@ def benchmark(total: int, batch_size: int | None, workers: int | None, duplicate
               dashboard_interval: float, seed: int) -> None:
     """Run the pipeline end to end (producer, following workers, promoter and a dashboard at
     once) and the raw limit of each stage, on a throwaway database and key prefix (both
-    removed afterwards); print the figures and write them as JSON."""
+    removed afterwards); print the figures and write them as JSON.
+
+    `orders-pipeline-benchmark promotion-scaling --help`: promotion with 1, 2 and 4
+    promoter processes over queue shards."""
     load_env_file()
     settings = Settings.from_env()
     _preflight(settings)
@@ -106,11 +120,68 @@ def benchmark(total: int, batch_size: int | None, workers: int | None, duplicate
                                    f"orders, expected {orders['expected_rows']:,}")
 
 
+SCALING = "promotion-scaling"
+SCALING_OUTPUT = Path("benchmarks") / "results" / "promotion-scaling.json"
+
+
+def _promoter_counts(_ctx: click.Context, _param: click.Parameter, value: str
+                     ) -> tuple[int, ...]:
+    try:
+        return parse_counts(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command(name=SCALING, context_settings={"help_option_names": ["-h", "--help"],
+                                               "max_content_width": 100})
+@click.option("--total", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              metavar="N", help="orders to stage and promote in each run")
+@click.option("--shards", type=click.IntRange(1, 64), default=4, show_default=True,
+              metavar="K", help="queue shards the orders are spread over")
+@click.option("--batch-size", type=click.IntRange(BATCH_SIZE.minimum, BATCH_SIZE.maximum),
+              default=5_000, show_default=True, metavar="B", help="orders per staged batch")
+@click.option("--promoters", default="1,2,4", show_default=True, metavar="P,P,...",
+              callback=_promoter_counts, help="promoter process counts, one run each")
+@click.option("--max-batches", type=click.IntRange(min=1), default=400, show_default=True,
+              metavar="M", help="batches a promotion round takes at most")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="first, one all-shards promoter (shard None), as before shards")
+@click.option("--seed", type=int, default=1, show_default=True, help="generator seed")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=SCALING_OUTPUT, show_default=True, metavar="PATH",
+              help="where to write the JSON results (directories are created)")
+def promotion_scaling(total: int, shards: int, batch_size: int, promoters: tuple[int, ...],
+                      max_batches: int, baseline: bool, seed: int, output: Path) -> None:
+    """Stage N orders over K shards and promote them with 1, 2 and 4 promoter processes
+    (each owning shards i, i+P, ...), fresh staging each time, on a throwaway database
+    (removed afterwards); print orders/s and CPU per run and write them as JSON."""
+    load_env_file()
+    settings = Settings.from_env()
+    _preflight(settings)
+    options = ScalingOptions(total=total, shards=shards, batch_size=batch_size,
+                             promoters=promoters, max_batches=max_batches, seed=seed,
+                             baseline=baseline)
+    result = run_scaling(settings, options, progress=print_progress)
+    click.echo(render_scaling(result))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    click.echo(f"results written to {output}")
+
+
+SUBCOMMANDS = {SCALING: promotion_scaling}
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Run the command on `argv` (default: the process's arguments); returns the exit code:
-    0, 1 for a failure, 2 for bad usage, 130 when interrupted; the error is one line."""
+    0, 1 for a failure, 2 for bad usage, 130 when interrupted; the error is one line. A
+    first argument naming a subcommand (SUBCOMMANDS) runs that one on the rest."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = benchmark
+    if args and args[0] in SUBCOMMANDS:
+        command, prog = SUBCOMMANDS[args[0]], f"{prog} {args[0]}"
+        args = args[1:]
     try:
-        code = benchmark.main(args=argv, prog_name=prog, standalone_mode=False)
+        code = command.main(args=args, prog_name=prog, standalone_mode=False)
         return code if isinstance(code, int) else 0
     except click.UsageError as exc:
         message, code = f"{exc.format_message()} (see `{prog} --help`)", 2
@@ -118,7 +189,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         message, code = exc.format_message(), 1
     except ConfigError as exc:
         message, code = f"bad configuration: {exc}", 1
-    except (BenchmarkFailed, WorkerFailed, ValueError, OSError, psycopg.Error,
+    except (BenchmarkFailed, ScalingFailed, WorkerFailed, ValueError, OSError, psycopg.Error,
             redis.RedisError) as exc:
         message, code = " ".join(f"{type(exc).__name__}: {exc}".split()), 1
     except click.Abort:

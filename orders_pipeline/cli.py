@@ -483,8 +483,11 @@ def _follow(settings: Settings, workers: int, batch_size: int, grace: float) -> 
 
 
 @main.command("promote")
+@click.option("--shard", "shards", type=click.IntRange(0, None), multiple=True,
+              metavar="S", help="only the batches of queue shard S (repeat for several; "
+                                "promoters of different shards run in parallel); default: all")
 @_with_settings
-def cmd_promote(settings: Settings) -> None:
+def cmd_promote(settings: Settings, shards: tuple[int, ...]) -> None:
     """Move staged batches into orders.
 
     Idempotent; releases them from Redis. A poison batch (one retrying cannot promote) is
@@ -492,10 +495,15 @@ def cmd_promote(settings: Settings) -> None:
     \f
     One warning line on stderr per batch quarantined.
     """
+    outside = [s for s in shards if s >= settings.redis.shards]
+    if outside:
+        raise click.UsageError(f"--shard {outside[0]}: REDIS_SHARDS is "
+                               f"{settings.redis.shards}, so shards are 0 to "
+                               f"{settings.redis.shards - 1}")
     _check_postgres(settings, pooled=True, schema=True)
     _check_redis(settings)
     with _server_errors("promotion", f"{PROG} promote"):
-        result = pipeline.promote_staged(settings)
+        result = pipeline.promote_staged(settings, shards=shards or None)
     click.echo(f"promoted {len(result.promoted_batches):,} batches: inserted "
                f"{result.inserted_rows:,} rows into orders, {result.conflicts:,} conflicts "
                f"(already there), {len(result.lost_batches):,} lost batches requeued, "
@@ -668,13 +676,15 @@ def _show_redrive_report(settings: Settings, redrive_id: str) -> None:
 
 
 @main.command("refresh")
+@click.option("--all", "every_month", is_flag=True,
+              help="refresh every month view, changed or not (default: the months that changed)")
 @_with_settings
-def cmd_refresh(settings: Settings) -> None:
-    """Refresh the materialized views.
+def cmd_refresh(settings: Settings, every_month: bool) -> None:
+    """Refresh the dashboard views: the month views whose months changed.
 
     Concurrently: readers are not blocked."""
     _check_postgres(settings, schema=True)
-    for view, seconds in pipeline.refresh_all_views(settings).items():
+    for view, seconds in pipeline.refresh_all_views(settings, every_month=every_month).items():
         click.echo(f"{view:<28} refreshed in {seconds:.3f} s")
 
 

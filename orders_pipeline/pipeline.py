@@ -47,7 +47,12 @@ from orders_pipeline.postgres_patterns.redrive import (
     report,
 )
 from orders_pipeline.postgres_patterns.replay import ReplayOutcome, Window, WindowContents
-from orders_pipeline.postgres_patterns.views import ROLLUPS, refresh_views
+from orders_pipeline.postgres_patterns.views import (
+    ROLLUPS,
+    VIEWS,
+    refresh_all_slices,
+    refresh_views,
+)
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
@@ -240,8 +245,13 @@ def reconcile_batches(settings: Settings) -> Reconciled:
 _AFTER_PROMOTION = f"VACUUM (SKIP_LOCKED) orders_staging, {', '.join(ROLLUPS)}"
 
 
-def promote_staged(settings: Settings, max_batches_per_round: int = 400) -> PromotionResult:
+def promote_staged(settings: Settings, max_batches_per_round: int = 400, *,
+                   shards: Sequence[int] | None = None) -> PromotionResult:
     """Promote every staged batch, releasing each round's batches from Redis after commit.
+
+    `shards`: promote only the batches of these queue shards, each under its own lock
+    (`promote_round(shard=...)`), so promoters of disjoint shards (processes or hosts) run at
+    the same time; None: every shard, under the lock that excludes all shard promoters.
 
     A poison batch is quarantined by its round (`promote_round`, which copies its raw payloads
     from the Redis batch list into Postgres in the same transaction) and the others are
@@ -257,16 +267,18 @@ def promote_staged(settings: Settings, max_batches_per_round: int = 400) -> Prom
     finish_redrives(settings)
     total = PromotionResult()
     with pg_pool(settings.postgres).connection() as conn:
-        while True:
-            result = promote_round(conn, max_batches_per_round, queue.batch_payloads)
-            queue.release(result.promoted_batches)
-            queue.requeue(result.lost_batches)
-            queue.quarantine(result.quarantined_batches)
-            total.add(result)
-            done = (len(result.promoted_batches) + len(result.lost_batches)
-                    + len(result.quarantined))
-            if done < max_batches_per_round:
-                break
+        for shard in [None] if shards is None else sorted(set(shards)):
+            while True:
+                result = promote_round(conn, max_batches_per_round, queue.batch_payloads,
+                                       shard=shard)
+                queue.release(result.promoted_batches)
+                queue.requeue(result.lost_batches)
+                queue.quarantine(result.quarantined_batches)
+                total.add(result)
+                done = (len(result.promoted_batches) + len(result.lost_batches)
+                        + len(result.quarantined))
+                if done < max_batches_per_round:
+                    break
         statuses = batch_statuses(conn, queue.staged_batch_ids())
         queue.quarantine([b for b, status in statuses.items() if status == "quarantined"])
         if total.promoted_batches:
@@ -521,6 +533,13 @@ def prune_archive(settings: Settings) -> list[str]:
         return archive.prune(conn, settings.pipeline.raw_retention_days)
 
 
-def refresh_all_views(settings: Settings) -> dict[str, float]:
+def refresh_all_views(settings: Settings, *, every_month: bool = False) -> dict[str, float]:
+    """Refresh the views' month views whose months changed (`views.refresh_views`), or with
+    `every_month` all of them (`views.refresh_all_slices`); seconds spent per view."""
     with pg_pool(settings.postgres, via_pgbouncer=False).connection() as conn:
-        return refresh_views(conn)
+        if not every_month:
+            return refresh_views(conn)
+        spent = dict.fromkeys(VIEWS, 0.0)
+        for made in refresh_all_slices(conn):
+            spent[made.view] += made.seconds
+        return spent

@@ -128,9 +128,10 @@ def lookup_sources_sensor(context: dg.SensorEvaluationContext, redis: RedisResou
         asset_events=observations, cursor=json.dumps(versions))
 
 
-# Runs the assets' automation conditions (`lookup_cache` daily at 03:00 UTC, the views after
-# promotions outside an ingest run). Dagster would add a sensor of this name by itself, but
-# stopped; this one runs from the start.
+# Runs the assets' automation conditions (`lookup_cache` daily at 03:00 UTC). The views need
+# none: every promotion step refreshes the months it changed and records them as the views'
+# partitions. Dagster would add a sensor of this name by itself, but stopped; this one runs
+# from the start.
 automation_condition_sensor = dg.AutomationConditionSensorDefinition(
     "default_automation_condition_sensor",
     target=dg.AssetSelection.all(),

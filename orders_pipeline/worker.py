@@ -28,7 +28,7 @@ import psycopg_pool
 import redis
 
 from orders_pipeline import transform
-from orders_pipeline.connections import pg_pool, redis_client
+from orders_pipeline.connections import TRANSIENT_REDIS_ERRORS, pg_pool, redis_client
 from orders_pipeline.faults import crash_point
 from orders_pipeline.postgres_patterns.archive import RawBatch
 from orders_pipeline.postgres_patterns.replay import is_replay_batch
@@ -44,8 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 TRANSIENT_RETRIES = 6
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    redis.ConnectionError, redis.TimeoutError, psycopg.OperationalError,
-    psycopg_pool.PoolTimeout)
+    *TRANSIENT_REDIS_ERRORS, psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # How often a drain with nothing left to claim looks again at batches others hold: a
 # live worker's batch leaves `{P}:inflight` as soon as it is staged, long before its lease ends.
 LEASE_POLL_SECONDS = 0.1
@@ -250,7 +249,7 @@ class StagingWorker:
         raw = None if replay else RawBatch.of(payloads, self.settings.pipeline.raw_retention_days)
         with pg_pool(self.settings.postgres).connection() as conn:
             outcome = stage_batch(conn, StagingBatch(
-                batch.batch_id, len(payloads), staged, rejects, duplicates, raw))
+                batch.batch_id, len(payloads), staged, rejects, duplicates, raw, batch.shard))
         crash_point("after_copy")
         self._hand_over(batch, outcome, staged)
         return BatchReport(batch.batch_id, len(payloads), duplicates, rejects.height,

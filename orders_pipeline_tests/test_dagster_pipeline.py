@@ -34,6 +34,20 @@ from orders_pipeline_tests.helpers import (
 ALL_ASSETS = [lookup.lookup_cache, orders.staged_orders, orders.promoted_orders,
               views.sales_hourly, views.product_performance_daily,
               *dg.load_asset_checks_from_modules([checks])]
+# What one run materializes: the unpartitioned assets and every check, the views' included.
+# The views are partitioned by month (a run cannot mix them in): promotion refreshes the
+# months it changed and records them as the views' partitions.
+INGEST = (dg.AssetSelection.assets(lookup.lookup_cache, orders.staged_orders,
+                                   orders.promoted_orders)
+          | dg.AssetSelection.all_asset_checks())
+VIEWS = ("sales_hourly", "product_performance_daily")
+
+
+def _materialize(settings: Settings, instance: dg.DagsterInstance | None = None,
+                 **kwargs: object) -> dg.ExecuteInProcessResult:
+    """`dg.materialize` of INGEST, as "Materialize all" of the `orders_pipeline` group does."""
+    return dg.materialize(ALL_ASSETS, selection=INGEST, resources=resources_for(settings),
+                          instance=instance or dg.DagsterInstance.ephemeral(), **kwargs)
 
 
 def _snapshot(pg: psycopg.Connection) -> dict[str, object]:
@@ -77,10 +91,13 @@ def test_automation_conditions_and_freshness_on_the_assets() -> None:
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
     cron = specs["lookup_cache"].automation_condition
     assert cron is not None and cron.get_label() == "on_cron(0 3 * * *, UTC)"
-    for view in ("sales_hourly", "product_performance_daily"):
-        assert specs[view].automation_condition.get_label() == "eager"
-    assert {k for k, s in specs.items() if s.automation_condition} == {
-        "lookup_cache", "sales_hourly", "product_performance_daily"}
+    # The views need no automation: each promotion step refreshes the months it changed.
+    assert {k for k, s in specs.items() if s.automation_condition} == {"lookup_cache"}
+    graph = defs.resolve_asset_graph()
+    for view in VIEWS:
+        assert graph.get(dg.AssetKey(view)).partitions_def == views.VIEW_PARTITIONS
+        assert specs[view].group_name == views.VIEWS_GROUP
+    assert views.VIEW_PARTITIONS.get_first_partition_key() == "1969-12"
     hourly = dg.FreshnessPolicy.time_window(warn_window=timedelta(hours=1),
                                             fail_window=timedelta(hours=24))
     assert {k: s.freshness_policy for k, s in specs.items() if s.freshness_policy} == {
@@ -134,10 +151,9 @@ def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
                                 pg: psycopg.Connection) -> None:
     payloads, summary = push_orders(settings, rconn, pg, 20_000, duplicates=0.05, invalid=0.01)
     assert summary == {"unique_valid": 18_800, "duplicates": 1_000, "invalid": 200}
-    resources = resources_for(settings)
     instance = dg.DagsterInstance.ephemeral()
 
-    result = dg.materialize(ALL_ASSETS, resources=resources, instance=instance)
+    result = _materialize(settings, instance)
     assert result.success
     assert all(e.passed for e in result.get_asset_check_evaluations())
 
@@ -162,9 +178,13 @@ def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
     assert rconn.zcard(keys.inflight) == 0 and rconn.zcard(keys.staged) == 0
     assert not list(rconn.scan_iter(match=f"{keys.prefix}:batch:*"))
 
-    for view in ("sales_hourly", "product_performance_daily"):
+    for view in VIEWS:
         assert pg.execute(f"SELECT sum(order_count), sum(revenue_usd) FROM {view}").fetchone() \
             == pg.execute("SELECT count(*), sum(total_amount_usd) FROM orders").fetchone()
+    # Promotion refreshed the months of the orders and recorded each as its view's partition.
+    months = {row[0] for row in pg.execute(
+        "SELECT DISTINCT to_char(order_timestamp AT TIME ZONE 'UTC', 'YYYY-MM') FROM orders")}
+    assert _view_partitions(result) == {(view, month) for view in VIEWS for month in months}
     metadata = _materialized(result)
     staged = metadata["staged_orders"]
     assert staged["rows_staged"].value == 18_800
@@ -175,6 +195,9 @@ def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
     assert metadata["orders_rejected"]["dagster/row_count"].value == 200
     assert metadata["orders_rejected"]["rejected_rate"].value == 0.01  # 200 of 20,000 claimed
     assert metadata["promoted_orders"]["dagster/row_count"].value == 18_800
+    # Every month view was created by this run: the orders' months, and the months ahead.
+    assert metadata["promoted_orders"]["view_months_refreshed"].value == pg.execute(
+        "SELECT count(*) FROM view_slices").fetchone()[0] > 2 * len(months)
     for rollup in ("sales_hourly_rollup", "product_daily_rollup"):
         assert metadata[rollup]["dagster/row_count"].value == pg.execute(
             f"SELECT count(*) FROM {rollup}").fetchone()[0] > 0
@@ -186,10 +209,31 @@ def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,
     _assert_rounded(result)
 
     before = _snapshot(pg)
-    again = dg.materialize(ALL_ASSETS, resources=resources, instance=instance)
+    again = _materialize(settings, instance)
     assert again.success
     assert _snapshot(pg) == before
     assert _materialized(again)["staged_orders"]["dagster/row_count"].value == 0
+    assert _view_partitions(again) == set()  # nothing changed, nothing refreshed
+
+    # A month from the UI: materializing one partition refreshes that month's view.
+    month = sorted(months)[0]
+    for view in (views.sales_hourly, views.product_performance_daily):
+        one = dg.materialize([view, *ALL_ASSETS[:3]], selection=[view], partition_key=month,
+                             resources=resources_for(settings), instance=instance)
+        assert one.success
+        shown = one.asset_materializations_for_node(view.key.to_user_string())[0].metadata
+        assert shown["month_view"].value == f"{view.key.to_user_string()}_m{month[:4]}{month[5:]}"
+        assert shown["month_views_refreshed"].value == 1
+        assert shown["dagster/row_count"].value == pg.execute(
+            f"SELECT count(*) FROM {shown['month_view'].value}").fetchone()[0] > 0
+    assert _snapshot(pg) == before
+
+
+def _view_partitions(result: dg.ExecuteInProcessResult) -> set[tuple[str, str]]:
+    """(view, partition key) of every view materialization `result` recorded."""
+    return {(e.asset_key.to_user_string(), e.partition)
+            for e in result.get_asset_materialization_events()
+            if e.asset_key.to_user_string() in VIEWS}
 
 
 def _materialized(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, object]]:
@@ -248,16 +292,19 @@ def test_ingest_job_runs_from_sensor_request(settings: Settings, rconn: redis.Re
     assert result.success
     assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 2_700
     assert pg.execute("SELECT sum(order_count) FROM sales_hourly").fetchone()[0] == 2_700
+    # The views' checks ran in the ingest job, after promotion refreshed the months.
+    evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert evaluations["sales_hourly_matches_orders"]
+    assert evaluations["product_performance_daily_matches_orders"]
+    assert {view for view, _ in _view_partitions(result)} == set(VIEWS)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_staging_config_workers(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
                                 workers: int) -> None:
     push_orders(settings, rconn, pg, 4_000)
-    result = dg.materialize(
-        ALL_ASSETS, resources=resources_for(settings), instance=dg.DagsterInstance.ephemeral(),
-        run_config=dg.RunConfig(ops={"staged_orders": orders.StagingConfig(
-            workers=workers, batch_size=500)}))
+    result = _materialize(settings, run_config=dg.RunConfig(ops={
+        "staged_orders": orders.StagingConfig(workers=workers, batch_size=500)}))
     assert result.success
     meta = result.asset_materializations_for_node("staged_orders")[0].metadata
     assert meta["workers"].value == workers
@@ -268,8 +315,7 @@ def test_staging_config_workers(settings: Settings, rconn: redis.Redis, pg: psyc
 def test_warning_checks_flag_rejects_and_deep_queue(settings: Settings, rconn: redis.Redis,
                                                     pg: psycopg.Connection) -> None:
     push_orders(settings, rconn, pg, 2_000, invalid=0.2)
-    result = dg.materialize(ALL_ASSETS, resources=resources_for(settings),
-                            instance=dg.DagsterInstance.ephemeral())
+    result = _materialize(settings)
     assert result.success  # warnings never fail the run
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     rejected = evaluations["rejected_rate_below_threshold"]

@@ -19,6 +19,8 @@ from orders_pipeline.settings import Settings
 from orders_pipeline_tests.dagit import ASSET_LINEAGE, EXTERNAL_ASSETS, REPLAY_ASSETS, Dagit
 from orders_pipeline_tests.helpers import REPO, dagster_env, pipeline_env
 
+VIEWS = ("sales_hourly", "product_performance_daily")  # partitioned by month
+
 
 @pytest.fixture
 def signals_while_daemon_down(settings: Settings, tmp_path: Path) -> int:
@@ -45,7 +47,7 @@ def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Setti
     lineage = {"/".join(n["assetKey"]["path"]): {"/".join(d["path"]) for d in n["dependencyKeys"]}
                for n in nodes}
     assert lineage == {**ASSET_LINEAGE, **EXTERNAL_ASSETS, **REPLAY_ASSETS}
-    assert {n["groupName"] for n in nodes} == {"orders_pipeline", "replay"}
+    assert {n["groupName"] for n in nodes} == {"orders_pipeline", "replay", "dashboard_views"}
     location = nodes[0]["repository"]["location"]["name"]
     instigators = dagit.graphql(
         """query($r: RepositorySelector!) {
@@ -73,10 +75,11 @@ def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Setti
     assert {"waited_seconds", "verdict"} <= {
         m["label"] for m in executions[0]["evaluation"]["metadataEntries"]}
 
-    # "Materialize all": the assets' job with every materializable asset selected.
+    # "Materialize all" of the `orders_pipeline` group: the assets' job with every
+    # unpartitioned asset selected (the month-partitioned views are in their own group).
     run_id = dagit.client.submit_job_execution(
         "__ASSET_JOB", repository_location_name=location, repository_name="__repository__",
-        run_config={}, asset_selection=list(ASSET_LINEAGE))
+        run_config={}, asset_selection=[a for a in ASSET_LINEAGE if a not in VIEWS])
     assert dagit.wait_run(run_id) == dg.DagsterRunStatus.SUCCESS
 
     # Producer side through the CLI: the signal reaches the sensor, which runs the ingest job.
@@ -105,3 +108,25 @@ def test_ui_lineage_materialize_all_and_sensor_run(dagit: Dagit, settings: Setti
     assert covered == expected_signals
     assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 2_000 + 1_800
     assert pg.execute("SELECT sum(order_count) FROM sales_hourly").fetchone()[0] == 3_800
+
+    # Promotion recorded the month it refreshed as each view's partition; a month can also
+    # be refreshed on its own, as the UI's "Materialize" of a partition does.
+    month = pg.execute("SELECT to_char(max(order_timestamp) AT TIME ZONE 'UTC', 'YYYY-MM')"
+                       " FROM orders").fetchone()[0]
+    for view in VIEWS:
+        assert month in _materialized_partitions(dagit, view)
+    run_id = dagit.client.submit_job_execution(
+        "__ASSET_JOB", repository_location_name=location, repository_name="__repository__",
+        run_config={}, asset_selection=["sales_hourly"], tags={"dagster/partition": month})
+    assert dagit.wait_run(run_id) == dg.DagsterRunStatus.SUCCESS
+    assert pg.execute("SELECT refreshes FROM view_slices WHERE view_name = 'sales_hourly'"
+                      " AND month = to_date(%s, 'YYYY-MM')", (month,)).fetchone()[0] >= 2
+
+
+def _materialized_partitions(dagit: Dagit, asset: str) -> set[str]:
+    """Partition keys of the asset's recorded materializations."""
+    data = dagit.graphql(
+        """query($key: AssetKeyInput!) { assetOrError(assetKey: $key) {
+             ... on Asset { assetMaterializations(limit: 100) { partition } } } }""",
+        {"key": {"path": [asset]}})
+    return {m["partition"] for m in data["assetOrError"]["assetMaterializations"]}

@@ -3,6 +3,7 @@
 import json
 import threading
 from collections.abc import Callable
+from datetime import date
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +18,7 @@ from orders_pipeline.pipeline import promote_staged
 from orders_pipeline.postgres_patterns.promotion import batch_statuses, promote_round
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
 from orders_pipeline.postgres_patterns.staging import StageOutcome, StagingBatch, stage_batch
-from orders_pipeline.postgres_patterns.views import VIEWS, rebuild_rollups, refresh_views
+from orders_pipeline.postgres_patterns.views import VIEWS, rebuild_rollups, refresh_views, slices
 from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
@@ -118,19 +119,27 @@ def insert_order(pg: psycopg.Connection, order_id: str, stamp: str, usd: str) ->
 
 def test_views_refresh_concurrently_without_blocking_readers(
         settings: Settings, pg: psycopg.Connection) -> None:
-    for view in VIEWS:
-        unique = scalar(pg, "SELECT count(*) FROM pg_index"
-                           " WHERE indrelid = %s::regclass AND indisunique", view)
-        assert unique == 1, view
     insert_order(pg, "o1", "2024-05-01T10:59:59+00:00", "3.50")
-    insert_order(pg, "o2", "2024-05-01T12:30:00+02:00", "1.25")  # 10:30 UTC, same hour
     insert_order(pg, "o3", "2024-05-01T23:30:00-02:00", "2.00")  # next UTC day
     assert rebuild_rollups(pg)  # rows written behind promotion's back: recompute the rollups
+    refresh_views(pg)  # May 2024 gets its month views, and the views read them
+    for view in VIEWS:
+        assert scalar(pg, "SELECT relkind FROM pg_class WHERE oid = %s::regclass", view) == "v"
+    month_views = slices(pg)
+    assert {(s.view, s.month) for s in month_views} >= {
+        (view, date(2024, 5, 1)) for view in VIEWS}
+    for month_view in month_views:  # what REFRESH ... CONCURRENTLY needs, on each of them
+        unique = scalar(pg, "SELECT count(*) FROM pg_index"
+                           " WHERE indrelid = %s::regclass AND indisunique", month_view.relation)
+        assert unique == 1, month_view
+    insert_order(pg, "o2", "2024-05-01T12:30:00+02:00", "1.25")  # 10:30 UTC, same hour
+    assert rebuild_rollups(pg)
 
     with pg_connect(settings.postgres) as reader, pg_connect(settings.postgres) as refresher:
-        reader.execute("SELECT count(*) FROM sales_hourly").fetchone()  # holds its lock
+        reader.execute("SELECT count(*) FROM sales_hourly").fetchone()  # holds its locks
         refresher.execute("SET lock_timeout = '5s'")
         refresh_views(refresher)  # a plain REFRESH would wait for the reader and time out
+        refresher.commit()
         reader.rollback()
 
     hourly = pg.execute("SELECT hour AT TIME ZONE 'UTC', category, order_count, units_sold,"

@@ -10,6 +10,7 @@ accepted order exactly once, also when a worker dies between dedup and staging.
 import dataclasses
 import json
 import signal
+import subprocess
 from collections import defaultdict
 
 import psycopg
@@ -33,12 +34,14 @@ from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
 from orders_pipeline_tests.helpers import (
+    REPO,
     assert_exactly_once,
     expire_leases,
+    pipeline_env,
     push_orders,
     valid_order_ids,
 )
-from orders_pipeline_tests.test_crash_recovery import run_cli
+from orders_pipeline_tests.test_crash_recovery import CLI, run_cli
 
 SHARDS = 4
 
@@ -160,3 +163,30 @@ def test_a_batch_redelivered_within_its_shard_is_not_its_own_duplicate(
     assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == summary["unique_valid"]
     assert pg.execute("SELECT sum(duplicate_rows) FROM ingest_batches").fetchone()[0] == 0
     assert_exactly_once(own, rconn, pg, payloads)
+
+
+def test_promoters_of_disjoint_shards_run_side_by_side(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
+        loaded_cache: LookupCache) -> None:
+    """Issue 12 item 4 from the CLI: `promote --shard` processes, one per pair of shards, at
+    the same time; then an out-of-range shard is one line."""
+    own = sharded(settings)
+    payloads, _ = push_orders(own, rconn, pg, 8000, batch_size=1000, duplicates=0.1,
+                              invalid=0.02)
+    pipeline.stage_queue(own, workers=2, batch_size=500)
+    shards_staged = {n for (n,) in pg.execute(
+        "SELECT DISTINCT shard FROM ingest_batches WHERE status = 'staged'")}
+    assert shards_staged == set(range(SHARDS))
+    env = pipeline_env(own)
+    promoters = [subprocess.Popen([*CLI, "promote", "--shard", str(a), "--shard", str(b)],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+                 for a, b in ((0, 2), (1, 3))]
+    outputs = [p.communicate(timeout=120) for p in promoters]
+    assert [p.returncode for p in promoters] == [0, 0], outputs
+    assert_exactly_once(own, rconn, pg, payloads)
+    assert pg.execute("SELECT count(*) FROM ingest_batches WHERE status <> 'promoted'"
+                      ).fetchone()[0] == 0
+    refused = run_cli(own, "promote", "--shard", str(SHARDS))
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert f"REDIS_SHARDS is {SHARDS}" in refused.stderr

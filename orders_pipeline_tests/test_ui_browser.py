@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -28,6 +29,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 COMMITTED_SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
 TIMEOUT_MS = 60_000
 LOCATION = "orders_pipeline.definitions"  # the code location `workspace.yaml` loads
+# Partitioned by month, in the group `dashboard_views`; the rest of the lineage is the group
+# `orders_pipeline`.
+VIEWS = ("sales_hourly", "product_performance_daily")
+GROUP_ASSETS = [name for name in ASSET_LINEAGE if name not in VIEWS]
 # The shared test Postgres trusts local logins, so any password works; this one must show
 # in the UI only as POSTGRES_PASSWORD.
 UI_SECRET = "ui-S3cret-never-shown"
@@ -89,15 +94,18 @@ def test_materialize_all_from_the_lineage_page(dagit: Dagit, dagit_settings: Set
 
     page.goto(f"{dagit.url}/asset-groups")  # the global asset lineage: a box per group
     expect(page.get_by_text("Global asset lineage")).to_be_visible()
-    for group in ("orders_pipeline", "replay"):
+    for group in ("orders_pipeline", "replay", "dashboard_views"):
         expect(page.get_by_text(group, exact=True).first).to_be_visible()
 
     # The pipeline's group: its lineage, and "Materialize all" runs it at once (the group
-    # `replay`, partitioned by day, is materialized a day or a backfill at a time).
+    # `replay`, partitioned by day, is materialized a day or a backfill at a time, and the
+    # group `dashboard_views`, partitioned by month, a month or a range of months at a time;
+    # promotion refreshes the months it changed).
     group_page = f"{dagit.url}/locations/{LOCATION}/asset-groups/orders_pipeline"
     page.goto(group_page)
     page.get_by_role("button", name="panel_show_left").click()  # the list of its assets
-    for name in [*ASSET_LINEAGE, *EXTERNAL_ASSETS]:
+    assert set(VIEWS) <= set(ASSET_LINEAGE)
+    for name in [*GROUP_ASSETS, *EXTERNAL_ASSETS]:
         expect(page.get_by_text(name, exact=True).first).to_be_visible()
     assert not set(REPLAY_ASSETS) & set(ASSET_LINEAGE)
     page.get_by_role("button", name=re.compile(r"Materialize all( \(\d+\))?$")).click()
@@ -118,12 +126,17 @@ def test_materialize_all_from_the_lineage_page(dagit: Dagit, dagit_settings: Set
     # Back on the lineage page every asset is marked with a successful materialization.
     page.goto(group_page)
     page.get_by_role("button", name="panel_show_left").click()
-    for name in ASSET_LINEAGE:
+    for name in GROUP_ASSETS:
         marked = re.compile(rf"^run_success {re.escape(name)}( |$)")  # not `{name}_rollup`
         expect(page.get_by_role("button", name=marked)).to_be_visible()
     page.goto(group_page)  # the graph alone, for the README
     expect(page.get_by_text("staged_orders", exact=True)).to_be_visible()
     page.screenshot(path=screenshots / "asset-lineage.png")
+
+    # A view's months: one partition per UTC month, the current one included.
+    month = datetime.now(UTC).strftime("%Y-%m")
+    page.goto(f"{dagit.url}/assets/sales_hourly?view=partitions")
+    expect(page.get_by_text(month, exact=True).first).to_be_visible()
 
     # The queue, observed by the daemon without any run: its plots and its checks.
     assert dagit.wait_observation("ingestion_queue", "queue_depth") == 0

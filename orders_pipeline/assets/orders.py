@@ -6,6 +6,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,7 +23,6 @@ from orders_pipeline.assets.common import (
     per_second,
     permanent_failure,
     rate,
-    retried_only_if_transient,
     retried_only_if_transient_as,
     seconds,
 )
@@ -37,6 +37,7 @@ from orders_pipeline.assets.tables import (
 )
 from orders_pipeline.pipeline import promote_staged, stage_queue
 from orders_pipeline.postgres_patterns.schema import require_schema
+from orders_pipeline.postgres_patterns.views import refresh_stale
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCacheMissing
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.resources import (
@@ -480,9 +481,10 @@ def _rollup(name: str, view: str, schema: dg.TableSchema, grain: str) -> dg.Asse
         deps=[STAGED_ORDERS],
         description=f"""
 **Rollup of `orders` by {grain}**: the table `{name}` that promotion adds every inserted
-order to, in the same transaction as the insert, so it is never behind `orders`. The
-materialized view `{view}` reads it; refreshing the view costs time in proportion to the
-rollup, not to `orders`.
+order to, in the same transaction as the insert, so it is never behind `orders`. The view
+`{view}` reads it through one materialized view per UTC month; triggers on the rollup mark the
+months each statement changed, so a refresh costs time in proportion to those months, not to
+`orders` or the rest of the rollup.
 """,
         metadata={"dagster/table_name": name, "dagster/column_schema": schema})
 
@@ -507,7 +509,10 @@ the others are promoted: see the check `no_quarantined_batches` and `orders-pipe
 readmit`. Re-running it changes nothing already done. Freshness warns after an hour without a
 promotion and fails after a day. Last, the relay publishes the promoted orders (listed in the
 outbox `promoted_outbox` by the same transaction) to the stream `promoted_stream` for the
-consumer groups (metadata `entries_published`).
+consumer groups (metadata `entries_published`). Then the step refreshes the month views of
+`sales_hourly` and `product_performance_daily` whose months changed (concurrently, readers
+never blocked) and records each as a materialization of that view's month partition
+(metadata `view_months_refreshed`, `view_refresh_seconds`).
 """,
     metadata={"dagster/table_name": "orders", "dagster/column_schema": ORDERS_SCHEMA},
 )
@@ -522,14 +527,33 @@ PRODUCT_DAILY_ROLLUP = _rollup("product_daily_rollup", "product_performance_dail
     specs=[PROMOTED_ORDERS, SALES_HOURLY_ROLLUP, PRODUCT_DAILY_ROLLUP],
     retry_policy=RETRY,
 )
-@retried_only_if_transient
 def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
                     postgres: PostgresResource, pipeline: PipelineResource
-                    ) -> tuple[dg.MaterializeResult, dg.MaterializeResult, dg.MaterializeResult]:
+                    ) -> Iterator[dg.MaterializeResult | dg.AssetMaterialization]:
+    # A generator, so that the views' month materializations come after the step's own (run
+    # log and catalog show the promotion first). `_promote` does all the work, and turns
+    # permanent errors into failures, before anything is yielded.
+    yield from _promote(context, redis, postgres, pipeline)
+
+
+@retried_only_if_transient_as("promoted_orders")
+def _promote(context: dg.AssetExecutionContext, redis: RedisResource,
+             postgres: PostgresResource, pipeline: PipelineResource
+             ) -> list[dg.MaterializeResult | dg.AssetMaterialization]:
+    """Promote, refresh the views' changed months; the step's materializations, then one per
+    refreshed view month (`assets.views.view_month_materializations`)."""
+    # Imported here: the views area imports this module for the specs it depends on.
+    from orders_pipeline.assets.views import view_month_materializations
+
     settings = pipeline_settings(redis, postgres, pipeline)
     started = time.perf_counter()
     result = promote_staged(settings)
     elapsed = time.perf_counter() - started
+    # The views follow at once: the months this promotion (or any writer since the last
+    # refresh: replay, re-drive, a hand edit) changed, each recorded as its view's partition.
+    with postgres.connection() as conn:
+        refreshed = refresh_stale(conn)
+    months, outside = view_month_materializations(context, refreshed)
     context.log.info(
         f"promoted {len(result.promoted_batches)} batches: {result.inserted_rows} rows inserted, "
         f"{result.conflicts} already present, {len(result.lost_batches)} lost batches requeued, "
@@ -539,7 +563,7 @@ def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
             f"batch {batch.batch_id} quarantined with {batch.orders} orders "
             f"({batch.payloads} raw payloads kept): {batch.error}; fix the cause, then run "
             f"`orders-pipeline readmit {batch.batch_id}`")
-    return (
+    return [
         dg.MaterializeResult(asset_key=PROMOTED_ORDERS.key, metadata={
             "dagster/row_count": table_rows(postgres, "orders"),
             "rows_promoted": result.inserted_rows,
@@ -553,10 +577,15 @@ def promoted_orders(context: dg.AssetExecutionContext, redis: RedisResource,
             "rows_per_second": per_second(result.inserted_rows, elapsed),
             "queue_depth_after": OrderQueue(redis.client(), redis.key_space()).depth(),
             "entries_published": result.entries_published,
+            "view_months_refreshed": len(refreshed),
+            "view_refresh_seconds": seconds(sum((made.seconds for made in refreshed), 0.0)),
+            "view_months_outside_partitions": dg.MetadataValue.text(
+                ", ".join(made.relation for made in outside) or "-"),
         }),
         _rollup_rows(postgres, SALES_HOURLY_ROLLUP),
         _rollup_rows(postgres, PRODUCT_DAILY_ROLLUP),
-    )
+        *months,
+    ]
 
 
 def _rollup_rows(postgres: PostgresResource, rollup: dg.AssetSpec) -> dg.MaterializeResult:

@@ -1,12 +1,47 @@
-"""Promote staged batches into `orders`: idempotent, serialised, crash-aware, poison-proof.
+"""Promote staged batches into `orders`: idempotent, serialised per shard, crash-aware,
+poison-proof, and parallel across queue shards.
 
-One transaction per round, under an advisory lock so promotions started from anywhere (sensor
-runs, schedules, the CLI, other hosts) never interleave. It promotes whole batches whose
-ledger says `staged`, inserts with ON CONFLICT DO NOTHING, adds exactly the rows it inserted
-to the view rollups and their ids to the fan-out outbox (`promoted_outbox`), deletes exactly
-the rows it took (by batch id, so workers can keep staging meanwhile), and marks the batches
+One transaction per round. A round promotes whole batches whose ledger says `staged`: it
+inserts their rows with ON CONFLICT DO NOTHING, adds exactly the rows it inserted to the view
+rollups and their ids to the fan-out outbox (`promoted_outbox`), deletes exactly the rows it
+took from staging (by batch id, so workers can keep staging meanwhile), and marks the batches
 `promoted`. A staged batch whose rows are gone (a Postgres crash empties UNLOGGED tables) is
 marked `lost` so the caller can hand it back to the queue.
+
+Shards (issue 12). The ledger records the queue shard of every batch (`ingest_batches.shard`,
+sql/070_promotion_shards.sql). `promote_round(conn, shard=s)` promotes shard `s` only, under
+two advisory locks: PROMOTE_LOCK in *shared* mode, then the two-key lock
+(hashtext(PROMOTE_LOCK), s) exclusively. So rounds of one shard run one at a time, in the
+ledger's order (the first copy of an order id in a shard lands, as with one queue), while
+rounds of different shards run at the same time. `promote_round(conn)` (shard None) promotes
+every shard under PROMOTE_LOCK in *exclusive* mode, exactly as before shards: it waits for the
+shard rounds in progress, and shard rounds asked for after it wait for it (Postgres grants
+lock requests in arrival order, so neither kind starves the other); `views.rebuild_rollups`,
+which takes the same exclusive lock, still excludes every promotion. All-shards and shard
+promoters can therefore be mixed freely.
+
+What keeps concurrent shard rounds correct, also when two shards carry the same order id (a
+foreign producer pushing to shard 0 ids that belong elsewhere):
+- `orders`: the primary key and ON CONFLICT DO NOTHING. A second inserter of an id waits for
+  the first one's transaction and then inserts nothing (the id is then not in its RETURNING,
+  so its rollups and outbox do not count it) or, if the first rolled back, inserts it. A shard
+  round inserts in order_id order (COLLATE "C"), so two rounds that share ids take them in
+  the same order and cannot deadlock on them. Which shard's copy lands is whichever commits
+  first; within one shard (and one round) the first copy in ledger order lands.
+- rollups: each upsert takes its rows in key order (`ORDER BY 1, 2`), after all of its
+  round's `orders` rows, so rounds lock rollup rows in one global order (table, then key): no
+  deadlock, and the sums stay those of a recompute over `orders`. Rounds that add to the same
+  rollup rows (the current hour's categories, today's products) wait for each other from
+  that upsert to their commit: the short tail of a round (staging delete, ledger, commit).
+- outbox: `fanout.relay` publishes the oldest row and then deletes rows up to its id, so ids
+  must become visible in id order. Concurrent rounds draw ids from the sequence in one order
+  and may commit in another; so each round, as its last step, takes OUTBOX_ORDER_LOCK and
+  gives its outbox rows fresh ids, holding the lock until it commits: ids follow commit order.
+- ledger rows, staging rows and quarantine rows belong to one shard's batches.
+A deadlock or serialisation failure that still happens (e.g. with a replay's reprocess, or in
+the one-batch-at-a-time path below) is transient (`is_transient`), never poison:
+`promote_round` rolls the round back and tries it again (up to TRANSIENT_ATTEMPTS) when it
+owns the transaction.
 
 A poison batch never blocks the others: when the round fails with an error that retrying
 cannot fix (`is_poison`), its batches are promoted one by one, each in its own savepoint, and
@@ -14,12 +49,14 @@ a batch that fails alone is quarantined in the same transaction (ledger status, 
 time, raw payloads; its staging rows deleted). `orders-pipeline readmit` hands it back.
 """
 
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from orders_pipeline import contract
 from orders_pipeline.faults import crash_point
@@ -28,21 +65,70 @@ from orders_pipeline.postgres_patterns.views import PROMOTE_LOCK, ROLLUPS, rollu
 
 ORDER_COLUMNS = (*contract.ORDER_COLUMNS, "batch_id")
 _COLUMNS = ", ".join(ORDER_COLUMNS)
-# Insert the batches' rows, fold exactly the rows inserted into the view rollups, and list
-# their ids in the fan-out outbox, one row per batch (`postgres_patterns.promoted_outbox`).
-_INSERT_ORDERS = f"""
+# Ids of outbox rows become visible in id order (see the module docstring).
+OUTBOX_ORDER_LOCK = "orders_pipeline.promoted_outbox.order"
+# Shards are `ingest_batches.shard` (smallint) and the second key of the shard lock (int).
+MAX_SHARD = 32767
+# Tries of a round that meets a transient error (deadlock, serialisation failure).
+TRANSIENT_ATTEMPTS = 5
+TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03")  # serialization, deadlock, lock timeout
+
+
+def _in_key_order(statement: str) -> str:
+    """A rollup upsert (`views.rollup_upsert`) that takes its rows in key order, so that
+    concurrent rounds lock rollup rows in one global order (unchanged if it already does)."""
+    if "ORDER BY 1, 2" in statement:
+        return statement
+    grouped = "GROUP BY 1, 2"
+    if statement.count(grouped) != 1:
+        raise RuntimeError(f"rollup upsert without exactly one {grouped!r}: {statement}")
+    return statement.replace(grouped, f"{grouped} ORDER BY 1, 2")
+
+
+def _insert_orders(order_by: str) -> str:
+    """Insert the batches' staged rows (in `order_by` order, if any), fold exactly the rows
+    inserted into the view rollups in key order, and list their ids in the fan-out outbox,
+    one row per batch (`postgres_patterns.promoted_outbox`); returns the rows inserted and
+    the ids of the outbox rows written. Built from constants only."""
+    return f"""
 WITH inserted AS (
     INSERT INTO orders ({_COLUMNS})
     SELECT {_COLUMNS} FROM orders_staging WHERE batch_id = ANY(%(batches)s)
+    {order_by}
     ON CONFLICT (order_id) DO NOTHING
     RETURNING order_id, batch_id, order_timestamp, category, product_id, quantity,
               total_amount_usd
-), {", ".join(f"add_to_{rollup} AS ({rollup_upsert(rollup, 'inserted')})"
+), {", ".join(f"add_to_{rollup} AS ({_in_key_order(rollup_upsert(rollup, 'inserted'))})"
          for rollup in ROLLUPS)}, to_outbox AS (
     INSERT INTO promoted_outbox (batch_id, order_ids)
     SELECT batch_id, array_agg(order_id) FROM inserted GROUP BY batch_id
+    RETURNING outbox_id
 )
-SELECT count(*) FROM inserted
+SELECT (SELECT count(*) FROM inserted), ARRAY(SELECT outbox_id FROM to_outbox)
+"""
+
+
+# A shard round inserts in order_id order, so that rounds beside it that share ids lock them
+# in the same order (no deadlock); of several copies of an id the first in ledger order
+# (staging rows carry their batch's ledger `staged_at`: one transaction writes both), then by
+# batch position, is tried first and lands. The sort made one round 5-14 % slower than heap
+# order in side measurements (BENCHMARKS.md "Promotion scale-out"), so an all-shards round,
+# which runs alone, keeps heap order (staging order), as before shards.
+_INSERT_IN_ID_ORDER = _insert_orders(
+    'ORDER BY order_id COLLATE "C", staged_at, batch_id, batch_position')
+_INSERT_IN_HEAP_ORDER = _insert_orders("")
+_RENUMBER_OUTBOX = """
+UPDATE promoted_outbox
+SET outbox_id = nextval(pg_get_serial_sequence('promoted_outbox', 'outbox_id'))
+WHERE outbox_id = ANY(%s)
+"""
+_LEDGER_ALL = """
+SELECT batch_id, staged_rows FROM ingest_batches WHERE status = 'staged'
+ORDER BY staged_at, batch_id LIMIT %s FOR UPDATE
+"""
+_LEDGER_OF_SHARD = """
+SELECT batch_id, staged_rows FROM ingest_batches WHERE status = 'staged' AND shard = %s
+ORDER BY staged_at, batch_id LIMIT %s FOR UPDATE
 """
 
 
@@ -83,6 +169,13 @@ def is_poison(exc: psycopg.Error) -> bool:
     return (exc.sqlstate or "")[:2] in POISON_SQLSTATE_CLASSES
 
 
+def is_transient(exc: psycopg.Error) -> bool:
+    """True if the same work may well succeed when tried again: a serialisation failure
+    (40001), a deadlock that Postgres broke by aborting this transaction (40P01) or a lock
+    timeout (55P03). Never poison (`is_poison`); `promote_round` retries these itself."""
+    return (exc.sqlstate or "") in TRANSIENT_SQLSTATES
+
+
 def error_text(exc: psycopg.Error) -> str:
     """`SQLSTATE <code>: <primary message>` on one line (the detail, which may quote a whole
     row, is left out)."""
@@ -110,8 +203,9 @@ class QuarantinedBatch:
 @dataclass
 class PromotionResult:
     """What one or more promotion rounds did: batches promoted, lost (to requeue) and
-    quarantined, staged rows of the promoted batches and rows they inserted, seconds; and
-    the entries the relay published to `{P}:promoted` after them (`fanout.relay`)."""
+    quarantined, staged rows of the promoted batches and rows they inserted, seconds (of the
+    last try); the entries the relay published to `{P}:promoted` after them
+    (`fanout.relay`); and how often a round was tried again after a transient error."""
     promoted_batches: list[str] = field(default_factory=list)
     lost_batches: list[str] = field(default_factory=list)
     quarantined: list[QuarantinedBatch] = field(default_factory=list)
@@ -119,6 +213,7 @@ class PromotionResult:
     inserted_rows: int = 0
     seconds: float = 0.0
     entries_published: int = 0
+    retries: int = 0
 
     @property
     def conflicts(self) -> int:
@@ -137,49 +232,60 @@ class PromotionResult:
         self.inserted_rows += other.inserted_rows
         self.seconds += other.seconds
         self.entries_published += other.entries_published
+        self.retries += other.retries
 
 
-def _promote(conn: psycopg.Connection, batches: list[str]) -> int:
-    """Move the batches' staged rows into `orders` and the rollups; rows inserted. Rows of
-    replay batches of a reprocess first replace the stored orders they recompute."""
+def _promote(conn: psycopg.Connection, batches: list[str], in_id_order: bool
+             ) -> tuple[int, list[int]]:
+    """Move the batches' staged rows into `orders`, the rollups and the outbox; returns the
+    rows inserted and the ids of the outbox rows written. Rows of replay batches of a
+    reprocess first replace the stored orders they recompute. `in_id_order`: insert in
+    order_id order (a shard round, beside others)."""
     reprocess_staged(conn, batches)
-    inserted = conn.execute(_INSERT_ORDERS, {"batches": batches}).fetchone()[0]
+    inserted, outbox_ids = conn.execute(
+        _INSERT_IN_ID_ORDER if in_id_order else _INSERT_IN_HEAP_ORDER,
+        {"batches": batches}).fetchone()
     crash_point("mid_promotion")
     conn.execute("DELETE FROM orders_staging WHERE batch_id = ANY(%s)", (batches,))
     conn.execute("UPDATE ingest_batches SET status = 'promoted', promoted_at = now()"
                  " WHERE batch_id = ANY(%s)", (batches,))
-    return int(inserted)
+    return int(inserted), list(outbox_ids)
 
 
-def _promote_apart(conn: psycopg.Connection, batches: list[str]
-                   ) -> tuple[list[str], int, dict[str, str]]:
+def _promote_apart(conn: psycopg.Connection, batches: list[str], in_id_order: bool
+                   ) -> tuple[list[str], int, list[int], dict[str, str]]:
     """Promote the batches together, or, if that meets poison, each alone in a savepoint.
 
-    Returns the batches promoted, the rows inserted, and the error text of each batch that
-    failed alone with a poison error. Any other error propagates.
+    Returns the batches promoted, the rows inserted, the outbox row ids written, and the
+    error text of each batch that failed alone with a poison error. Any other error
+    propagates.
     """
     try:
         with conn.transaction():
-            return batches, _promote(conn, batches), {}
+            inserted, outbox_ids = _promote(conn, batches, in_id_order)
+            return batches, inserted, outbox_ids, {}
     except psycopg.Error as exc:
         if not is_poison(exc):
             raise
         if len(batches) == 1:
-            return [], 0, {batches[0]: error_text(exc)}
+            return [], 0, [], {batches[0]: error_text(exc)}
     promoted: list[str] = []
     inserted = 0
+    outbox_ids: list[int] = []
     failed: dict[str, str] = {}
     for batch_id in batches:
         try:
             with conn.transaction():
-                inserted += _promote(conn, [batch_id])
+                rows, ids = _promote(conn, [batch_id], in_id_order)
         except psycopg.Error as exc:
             if not is_poison(exc):
                 raise
             failed[batch_id] = error_text(exc)
         else:
             promoted.append(batch_id)
-    return promoted, inserted, failed
+            inserted += rows
+            outbox_ids += ids
+    return promoted, inserted, outbox_ids, failed
 
 
 def _quarantine(conn: psycopg.Connection, batch_id: str, orders: int, error: str,
@@ -195,23 +301,25 @@ def _quarantine(conn: psycopg.Connection, batch_id: str, orders: int, error: str
     return QuarantinedBatch(batch_id, orders, len(payloads), error)
 
 
-def promote_round(conn: psycopg.Connection, max_batches: int = 400,
-                  payloads_of: PayloadSource | None = None) -> PromotionResult:
-    """Promote up to `max_batches` staged batches in one transaction.
+def _lock_promotion(conn: psycopg.Connection, shard: int | None) -> None:
+    """Inside the round's transaction: PROMOTE_LOCK exclusively (all shards), or shared and
+    then the shard's own two-key lock exclusively (see the module docstring)."""
+    if shard is None:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
+        return
+    conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", (PROMOTE_LOCK,))
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (PROMOTE_LOCK, shard))
 
-    Batches whose staged rows are incomplete are marked `lost` (`lost_batches`). A batch that
-    cannot be promoted even alone, for a reason retrying cannot fix (`is_poison`), is
-    quarantined (`quarantined`) in the same transaction, and the others are promoted:
-    `payloads_of(batch_id)` gives its raw payloads to keep in `quarantined_payloads` (without
-    it, none are kept). Any other error propagates and nothing of the round is committed.
-    """
+
+def _round(conn: psycopg.Connection, max_batches: int, payloads_of: PayloadSource | None,
+           shard: int | None) -> PromotionResult:
+    """One round in one transaction (see `promote_round`)."""
     started = time.perf_counter()
     result = PromotionResult()
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
-        ledger = dict(conn.execute(
-            "SELECT batch_id, staged_rows FROM ingest_batches WHERE status = 'staged'"
-            " ORDER BY staged_at, batch_id LIMIT %s FOR UPDATE", (max_batches,)).fetchall())
+        _lock_promotion(conn, shard)
+        ledger = dict(conn.execute(_LEDGER_ALL, (max_batches,)).fetchall() if shard is None
+                      else conn.execute(_LEDGER_OF_SHARD, (shard, max_batches)).fetchall())
         if not ledger:
             return result
         present = dict(conn.execute(
@@ -219,8 +327,10 @@ def promote_round(conn: psycopg.Connection, max_batches: int = 400,
             " GROUP BY batch_id", (list(ledger),)).fetchall())
         ready = [b for b, rows in ledger.items() if present.get(b, 0) == rows]
         result.lost_batches = [b for b in ledger if b not in set(ready)]
+        outbox_ids: list[int] = []
         if ready:
-            promoted, inserted, failed = _promote_apart(conn, ready)
+            promoted, inserted, outbox_ids, failed = _promote_apart(conn, ready,
+                                                                    shard is not None)
             result.promoted_batches = promoted
             result.staged_rows = sum(ledger[b] for b in promoted)
             result.inserted_rows = inserted
@@ -233,8 +343,63 @@ def promote_round(conn: psycopg.Connection, max_batches: int = 400,
         if result.lost_batches:
             conn.execute("UPDATE ingest_batches SET status = 'lost' WHERE batch_id = ANY(%s)",
                          (result.lost_batches,))
+        if outbox_ids:  # last: held from here to the commit
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (OUTBOX_ORDER_LOCK,))
+            conn.execute(_RENUMBER_OUTBOX, (outbox_ids,))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def promote_round(conn: psycopg.Connection, max_batches: int = 400,
+                  payloads_of: PayloadSource | None = None, *,
+                  shard: int | None = None) -> PromotionResult:
+    """Promote up to `max_batches` staged batches in one transaction, oldest first.
+
+    `shard` None: batches of every shard, one such round at a time and none beside a shard
+    round. `shard` s (0 … MAX_SHARD): batches of shard s only, one round of s at a time,
+    beside rounds of other shards (module docstring; `staged_shards` lists the shards with
+    work). Batches whose staged rows are incomplete are marked `lost` (`lost_batches`). A
+    batch that cannot be promoted even alone, for a reason retrying cannot fix
+    (`is_poison`), is quarantined (`quarantined`) in the same transaction, and the others are
+    promoted: `payloads_of(batch_id)` gives its raw payloads to keep in
+    `quarantined_payloads` (without it, none are kept). A transient error (`is_transient`:
+    deadlock, serialisation failure, lock timeout) rolls the round back and, when `conn` had
+    no transaction open, the round is tried again after a short random pause, up to
+    TRANSIENT_ATTEMPTS times in all (`retries` counts the extra tries); then, or inside the
+    caller's transaction, it propagates. Any other error propagates and nothing of the round
+    is committed. Raises ValueError for a shard out of range.
+    """
+    if shard is not None and not 0 <= shard <= MAX_SHARD:
+        raise ValueError(f"shard must be 0 to {MAX_SHARD}, not {shard}")
+    owns_transaction = conn.info.transaction_status == TransactionStatus.IDLE
+    attempt = 1
+    while True:
+        try:
+            result = _round(conn, max_batches, payloads_of, shard)
+        except psycopg.Error as exc:
+            if (not is_transient(exc) or not owns_transaction
+                    or attempt >= TRANSIENT_ATTEMPTS):
+                raise
+            time.sleep(random.uniform(0.01, 0.05) * 2 ** attempt)
+            attempt += 1
+            continue
+        result.retries = attempt - 1
+        return result
+
+
+def staged_shards(conn: psycopg.Connection) -> list[int]:
+    """The shards that have staged batches, ascending (one query on a partial index).
+
+    A connection without a transaction open is left without one (so that the next
+    `promote_round` on it runs, commits and retries in a transaction of its own); inside the
+    caller's transaction the query is simply part of it.
+    """
+    idle = conn.info.transaction_status == TransactionStatus.IDLE
+    shards = [int(row[0]) for row in conn.execute(
+        "SELECT DISTINCT shard FROM ingest_batches WHERE status = 'staged' ORDER BY 1")]
+    if idle and not conn.autocommit:
+        conn.rollback()
+    return shards
 
 
 def quarantined_batches(conn: psycopg.Connection, batch_ids: Sequence[str] | None = None, *,

@@ -22,8 +22,9 @@ _COPY_STAGING = f"COPY orders_staging ({', '.join(STAGING_COLUMNS)}) FROM STDIN 
 
 _CLAIM_LEDGER = """
 INSERT INTO ingest_batches (batch_id, status, claimed_rows, staged_rows, rejected_rows,
-                            duplicate_rows)
-VALUES (%(batch_id)s, 'staged', %(claimed)s, %(staged)s, %(rejected)s, %(duplicates)s)
+                            duplicate_rows, shard)
+VALUES (%(batch_id)s, 'staged', %(claimed)s, %(staged)s, %(rejected)s, %(duplicates)s,
+        %(shard)s)
 ON CONFLICT (batch_id) DO UPDATE SET attempts = ingest_batches.attempts + 1
 RETURNING status, (xmax = 0) AS inserted
 """
@@ -31,7 +32,8 @@ RETURNING status, (xmax = 0) AS inserted
 _RESTAGE_LEDGER = """
 UPDATE ingest_batches
 SET status = 'staged', claimed_rows = %(claimed)s, staged_rows = %(staged)s,
-    rejected_rows = %(rejected)s, duplicate_rows = %(duplicates)s, staged_at = now()
+    rejected_rows = %(rejected)s, duplicate_rows = %(duplicates)s, staged_at = now(),
+    shard = %(shard)s
 WHERE batch_id = %(batch_id)s
 """
 
@@ -50,12 +52,17 @@ class StageOutcome(StrEnum):
 
 @dataclass(frozen=True)
 class StagingBatch:
+    """A claimed batch ready to stage: its id, how many payloads were claimed, the transformed
+    rows, the rejects, the duplicates dropped, the raw payloads to archive, and the queue
+    shard it was claimed from (0 … promotion.MAX_SHARD; recorded in the ledger, so that
+    `promotion.promote_round(conn, shard=...)` promotes it with its shard)."""
     batch_id: str
     claimed: int
     rows: pl.DataFrame        # columns: STAGING_COLUMNS (batch_id may be absent)
     rejects: pl.DataFrame     # columns: batch_position, raw_payload, reason, order_id
     duplicates: int
     raw: RawBatch | None = None  # the claimed payloads to archive (None: not archived)
+    shard: int = 0
 
 
 def rows_to_csv(rows: pl.DataFrame, batch_id: str) -> bytes:
@@ -66,10 +73,13 @@ def rows_to_csv(rows: pl.DataFrame, batch_id: str) -> bytes:
 
 
 def stage_batch(conn: psycopg.Connection, batch: StagingBatch) -> StageOutcome:
-    """Stage a batch's rows and record its rejects, or recognise it as already done."""
+    """Stage a batch's rows and record its rejects, or recognise it as already done.
+
+    The ledger row records `batch.shard` (a batch restaged after a crash takes the shard it
+    is staged with now)."""
     params = {"batch_id": batch.batch_id, "claimed": batch.claimed,
               "staged": batch.rows.height, "rejected": batch.rejects.height,
-              "duplicates": batch.duplicates}
+              "duplicates": batch.duplicates, "shard": batch.shard}
     with conn.transaction():
         # No need to wait for the WAL flush: the batch stays in Redis until promotion, and a
         # staged batch whose ledger row a crash took back is handed to the queue again

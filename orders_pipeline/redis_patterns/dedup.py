@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import redis
 
+from orders_pipeline.connections import await_replication
 from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_matching
 
 # KEYS: count key of this minute, then one dedup key per order
@@ -66,6 +67,7 @@ class DedupWindow:
         keys = [space.dedup_count(minute), *map(space.dedup, order_ids)]
         args = [self.window_seconds, self.window_seconds + 120, *tokens]
         result = self._check_and_mark(keys=keys, args=args)
+        await_replication(self.client, space.replication_probe)  # marks acted on at once
         return [bool(flag) for flag in result]
 
     def size(self) -> int:

@@ -216,6 +216,11 @@ class RedisKeys:
         return f"{self.prefix}:lookup:lock"
 
     @property
+    def replication_probe(self) -> str:
+        """Short-lived key written just before WAIT (`connections.await_replication`)."""
+        return f"{self.prefix}:replication:probe"
+
+    @property
     def signals_channel(self) -> str:
         """Pub/sub channel of completion signals (contract: `{P}:ingested`)."""
         return f"{self.prefix}:ingested"

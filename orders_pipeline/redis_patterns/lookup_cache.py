@@ -121,7 +121,9 @@ class LookupCache:
         for table in LOOKUP_TABLES:
             live = self.keys.lookup(table.name)
             if rows[table.name]:
-                pipe.rename(staging_keys[table.name], live)
+                # RENAME by name: a Redis Cluster pipeline refuses `pipe.rename` (redis-py
+                # blocks the method) yet sends the command; both keys share the prefix's slot.
+                pipe.execute_command("RENAME", staging_keys[table.name], live)
                 pipe.expire(live, self.ttl_seconds)
             else:
                 pipe.delete(live)

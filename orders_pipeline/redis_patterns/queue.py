@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
+import redis.cluster
 
+from orders_pipeline.connections import await_replication, queue_script
 from orders_pipeline.redis_patterns.keys import (
     RedisKeys,
     batch_id_in,
@@ -99,6 +101,16 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return 1
+"""
+
+# KEYS: inflight   -> {now_ms} or {now_ms, earliest lease deadline (ms)}
+# The clock and the deadline in one call (a cluster MULTI cannot hold TIME: it has no key).
+_EARLIEST_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #first == 0 then return {now} end
+return {now, first[2]}
 """
 
 # KEYS: staged, quarantined   ARGV: batch ids
@@ -197,6 +209,7 @@ class QueueShard:
         self._mark_staged = client.register_script(_MARK_STAGED)
         self._quarantine = client.register_script(_QUARANTINE)
         self._restore = client.register_script(_RESTORE)
+        self._earliest_lease = client.register_script(_EARLIEST_LEASE)
 
     def push_batch(self, payloads: Sequence[bytes], batch_id: str | None = None) -> str:
         """Enqueue one batch atomically with its accepted count and completion signal.
@@ -208,8 +221,11 @@ class QueueShard:
         pipe = self.client.pipeline(transaction=True)
         pipe.lpush(self.keys.ingestion, *payloads)
         pipe.hincrby(self.keys.counters, "accepted", len(payloads))
-        self._date_queue(keys=self._dating_keys, args=[len(payloads)], client=pipe)
+        queue_script(pipe, self._date_queue, self._dating_keys, [len(payloads)])
         self._execute_with_signal(pipe, batch_id, len(payloads))
+        # Acknowledged to the producer: on the replicas first (NotReplicated: whether the push
+        # lasts is unknown until the master is settled; its marker signal_seen tells).
+        await_replication(self.client, self.keys.replication_probe)
         return batch_id
 
     def _execute_with_signal(self, pipe: redis.client.Pipeline, signal_id: str,
@@ -236,7 +252,7 @@ class QueueShard:
         dated (see the module's docstring), so it writes one small mark now and then.
         """
         pipe = self.client.pipeline(transaction=True)
-        self._date_queue(keys=self._dating_keys, args=[0], client=pipe)
+        queue_script(pipe, self._date_queue, self._dating_keys, [0])
         pipe.zcard(self.keys.inflight)
         pipe.zcard(self.keys.staged)
         pipe.zrange(self.keys.staged, 0, 0, withscores=True)
@@ -262,6 +278,9 @@ class QueueShard:
         )
         if not items:
             return None
+        # Acted on (staged) at once: it must outlive a failover first. If the replicas do
+        # not confirm it (NotReplicated), the batch stays leased, reclaimed when that ends.
+        await_replication(self.client, self.keys.replication_probe)
         return ClaimedBatch(batch_id, owner, list(items))
 
     def reclaim_expired(self, owner: str) -> ClaimedBatch | None:
@@ -271,6 +290,7 @@ class QueueShard:
         if raw is None:
             return None
         batch_id = raw.decode()
+        await_replication(self.client, self.keys.replication_probe)
         payloads = self.client.lrange(self.keys.batch(batch_id), 0, -1)
         return ClaimedBatch(batch_id, owner, list(payloads), reclaimed=True)
 
@@ -336,16 +356,12 @@ class QueueShard:
         """Seconds until the earliest lease in `{P}:inflight` runs out, by the Redis clock.
 
         0.0 when one already has (a dead worker's batch, or one requeued with deadline 0),
-        None when no batch is claimed. The deadline and the clock are read in one MULTI.
+        None when no batch is claimed. The deadline and the clock are read in one script.
         """
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zrange(self.keys.inflight, 0, 0, withscores=True)
-        pipe.time()
-        earliest, (seconds, micros) = pipe.execute()
-        if not earliest:
+        reply = self._earliest_lease(keys=[self.keys.inflight])
+        if len(reply) < 2:
             return None
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        return max(0.0, (earliest[0][1] - now_ms) / 1000)
+        return max(0.0, (float(reply[1]) - int(reply[0])) / 1000)
 
     def expired_batch_ids(self) -> list[str]:
         """Claimed batches whose lease has run out (deadline at or before the Redis clock)."""
@@ -463,6 +479,9 @@ class QueueShard:
         notes the run id with its pushes and later sees another knows the server restarted
         in between, and (without AOF) that what it pushed before may be gone.
         """
+        if isinstance(self.client, redis.cluster.RedisCluster):  # the shard's master
+            node = self.client.get_node_from_key(self.keys.ingestion)
+            return str(self.client.info("server", target_nodes=node)["run_id"])
         return str(self.client.info("server")["run_id"])
 
     def _now_ms(self) -> int:

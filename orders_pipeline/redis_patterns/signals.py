@@ -228,7 +228,9 @@ class CompletionSignals:
         pipe.set(self.keys.signal_seen(batch_id), 1, ex=SEEN_TTL_SECONDS)
         pipe.xadd(self.keys.signals_stream, {"data": message},
                   maxlen=STREAM_MAX_LEN, approximate=True)
-        pipe.publish(self.keys.signals_channel, message)
+        # PUBLISH by name: a Redis Cluster pipeline refuses `pipe.publish` (redis-py blocks the
+        # method), yet sends the command, routed by the channel's slot (the prefix's).
+        pipe.execute_command("PUBLISH", self.keys.signals_channel, message)
 
     def append(self, message: bytes) -> str | None:
         """Record a signal heard on pub/sub unless its batch is already recorded.

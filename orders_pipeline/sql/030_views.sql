@@ -3,9 +3,10 @@
 -- Promotion keeps two rollup tables up to date in the same transaction that inserts into
 -- `orders` (only rows actually inserted count), so making the views fresh costs time in
 -- proportion to the rollups (hours x categories, days x products), not to `orders`
--- (`orders-pipeline init-db` fills empty rollups from existing orders). The
--- materialized views are snapshots of the rollups; their unique indexes let
--- REFRESH MATERIALIZED VIEW CONCURRENTLY run without blocking readers.
+-- (`orders-pipeline init-db` fills empty rollups from existing orders). The dashboard names
+-- `sales_hourly` and `product_performance_daily` are plain views over one materialized view
+-- per UTC month of these rollups, each refreshed CONCURRENTLY when its month changed: see
+-- 080_view_slices.sql and postgres_patterns/views.py.
 
 -- Width of the sums. A rollup row adds up the orders of one UTC hour and category (or day and
 -- product), and must hold the sum of every order that can be stored, however many fall into
@@ -41,10 +42,15 @@ CREATE TABLE IF NOT EXISTS product_daily_rollup (
 );
 
 -- Databases created with narrower sums (units_sold bigint, revenue_usd numeric(22, 2)): widen
--- them, keeping every row. The materialized views depend on these columns, so they are
--- dropped first and recreated (from the widened rollups) by the statements below; only when a
--- type differs, so applying this file again changes nothing.
+-- them, keeping every row. The views depend on these columns, so they are dropped first:
+-- the dashboard names (a materialized view in databases from before the month slices, a
+-- plain view since), the old whole-history materialized view kept during the migration to
+-- slices, and every month slice (listed in `view_slices`). 080_view_slices.sql then rebuilds
+-- the dashboard names from the widened rollups and marks every month for its slice to be
+-- created again. Only when a type differs, so applying this file again changes nothing.
 DO $$
+DECLARE
+    relation record;
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_attribute
                WHERE attrelid IN ('sales_hourly_rollup'::regclass,
@@ -54,8 +60,25 @@ BEGIN
                        AND format_type(atttypid, atttypmod) <> 'numeric(38,0)')
                    OR (attname = 'revenue_usd'
                        AND format_type(atttypid, atttypmod) <> 'numeric(38,2)'))) THEN
-        DROP MATERIALIZED VIEW IF EXISTS sales_hourly;
-        DROP MATERIALIZED VIEW IF EXISTS product_performance_daily;
+        FOR relation IN
+            SELECT c.relname::text AS name, c.relkind
+            FROM pg_class c
+            WHERE c.relnamespace = current_schema()::regnamespace
+              AND c.relkind IN ('v', 'm')
+              AND c.relname IN ('sales_hourly', 'product_performance_daily',
+                                'sales_hourly_legacy', 'product_performance_daily_legacy')
+            ORDER BY c.relkind DESC  -- the plain views (v) before what they read (m)
+        LOOP
+            EXECUTE format(CASE relation.relkind WHEN 'v' THEN 'DROP VIEW %I'
+                                                 ELSE 'DROP MATERIALIZED VIEW %I' END,
+                           relation.name);
+        END LOOP;
+        IF to_regclass('view_slices') IS NOT NULL THEN
+            FOR relation IN SELECT relation_name AS name FROM view_slices LOOP
+                EXECUTE format('DROP MATERIALIZED VIEW IF EXISTS %I', relation.name);
+            END LOOP;
+            DELETE FROM view_slices;
+        END IF;
         ALTER TABLE sales_hourly_rollup
             ALTER COLUMN units_sold TYPE numeric(38, 0),
             ALTER COLUMN revenue_usd TYPE numeric(38, 2);
@@ -64,15 +87,3 @@ BEGIN
             ALTER COLUMN revenue_usd TYPE numeric(38, 2);
     END IF;
 END $$;
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS sales_hourly AS
-SELECT hour, category, order_count, units_sold, revenue_usd
-FROM sales_hourly_rollup;
-CREATE UNIQUE INDEX IF NOT EXISTS sales_hourly_hour_category_key
-    ON sales_hourly (hour, category);
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS product_performance_daily AS
-SELECT day, product_id, order_count, units_sold, revenue_usd
-FROM product_daily_rollup;
-CREATE UNIQUE INDEX IF NOT EXISTS product_performance_daily_day_product_key
-    ON product_performance_daily (day, product_id);
