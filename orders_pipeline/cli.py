@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import re
 import signal
 import ssl
 import sys
@@ -81,12 +82,16 @@ _CONNECTION_SQLSTATES = ("08", "28", "3D", "57P")
 _OLDER_SCHEMA_SQLSTATES = ("42P01", "42703")  # undefined table, undefined column
 
 
+_LINE_BREAK = re.compile(r"[ \t]*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+[ \t]*")
+
+
 class CliError(click.ClickException):
     """An expected failure, already phrased for the user: `orders-pipeline: error: MESSAGE`."""
 
     def format_message(self) -> str:
-        """The message on one line, whatever line breaks it came with."""
-        return " ".join(self.message.split())
+        """The message on one line: each line break (with the blanks around it) becomes one
+        space; other spacing is kept, e.g. inside a quoted value such as '  '."""
+        return _LINE_BREAK.sub(" ", self.message.strip())
 
     def show(self, file: IO[Any] | None = None) -> None:
         """Print the one line on `file` (default stderr)."""

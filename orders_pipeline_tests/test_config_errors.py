@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import redis
 import yaml
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -289,6 +289,7 @@ def test_generated_ill_typed_config_is_refused_at_launch(name: str, value: objec
 @given(st.sampled_from(sorted(ENV_BOUNDS)).flatmap(
     lambda name: st.tuples(st.just(name), st.one_of(out_of_range(ENV_BOUNDS[name]).map(str),
                                                     not_an_integer().filter(bool)))))
+@example(("BATCH_SIZE", "  "))  # blanks kept as given in the one line, not squeezed
 def test_generated_bad_env_vars_are_one_cli_line(case: tuple[str, str]) -> None:
     """An empty variable means unset (its default); anything else out of range is refused."""
     name, raw = case
