@@ -65,6 +65,7 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
     tuning = settings.pipeline
     now = time.time()
     queue = OrderQueue(client, keys)
+    depth_by_shard = [shard.depth() for shard in queue.shards]
     claimed_ids, staged_ids = queue.claimed_batch_ids(), queue.staged_batch_ids()
     claimed_batches, claimed_orders = len(claimed_ids), queue.orders_in(claimed_ids)
     staged_batches, staged_orders = len(staged_ids), queue.orders_in(staged_ids)
@@ -74,9 +75,9 @@ def collect_stats(settings: Settings) -> dict[str, Any]:
         "collected_at": datetime.fromtimestamp(now, UTC).isoformat(),
         "key_prefix": settings.redis.key_prefix,
         "database": settings.postgres.dbname,
-        "queue_depth": queue.depth(),
+        "queue_depth": sum(depth_by_shard),
         "queue_shards": len(queue.shards),
-        "queue_depth_by_shard": [shard.depth() for shard in queue.shards],
+        "queue_depth_by_shard": depth_by_shard,
         "in_flight": claimed_orders + staged_orders,
         "claimed_batches": claimed_batches,
         "claimed_orders": claimed_orders,
