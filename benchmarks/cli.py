@@ -2,15 +2,18 @@
 
 With no subcommand it runs the end-to-end benchmark (`benchmarks.end_to_end`);
 `orders-pipeline-benchmark promotion-scaling ...` runs promotion by shard with 1, 2 and 4
-promoter processes (`benchmarks.promotion_scaling`). Configuration comes from the same
-environment variables (and `.env`) as `orders-pipeline`. Every expected failure (bad option,
-bad configuration, a server down, a benchmark process that died) is one line on stderr and
-a non-zero exit code, never a traceback.
+promoter processes (`benchmarks.promotion_scaling`); `orders-pipeline-benchmark scale-curve
+...` grows one database through several sizes and measures at each
+(`benchmarks.scale_curve`). Configuration comes from the same environment variables (and
+`.env`) as `orders-pipeline`. Every expected failure (bad option, bad configuration, a server
+down, a benchmark process that died) is one line on stderr and a non-zero exit code, never a
+traceback.
 """
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import psycopg
@@ -26,6 +29,17 @@ from benchmarks.promotion_scaling import (
     run_scaling,
 )
 from benchmarks.report import render_benchmark
+from benchmarks.scale_curve import (
+    DESIGNS,
+    CurveOptions,
+    ScaleCurveRefused,
+    parse_sizes,
+    plot_curve,
+    render_curve,
+    require_matplotlib,
+    run_curve,
+)
+from benchmarks.scale_curve import OUTPUT as CURVE_OUTPUT
 from orders_pipeline.connections import close_all, redis_client
 from orders_pipeline.pipeline import WorkerFailed
 from orders_pipeline.settings import (
@@ -168,7 +182,83 @@ def promotion_scaling(total: int, shards: int, batch_size: int, promoters: tuple
     click.echo(f"results written to {output}")
 
 
-SUBCOMMANDS = {SCALING: promotion_scaling}
+CURVE = "scale-curve"
+
+
+def _sizes(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        return parse_sizes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command(name=CURVE, context_settings={"help_option_names": ["-h", "--help"],
+                                             "max_content_width": 100})
+@click.option("--sizes", default=",".join(str(s) for s in CurveOptions.sizes),
+              show_default=True, metavar="N,N,...", callback=_sizes,
+              help="orders present at each point of the curve, ascending")
+@click.option("--run-orders", type=click.IntRange(min=1), default=CurveOptions.run_orders,
+              show_default=True, metavar="N", help="orders of each measured run")
+@click.option("--fresh-batch", type=click.IntRange(min=0), default=CurveOptions.fresh_batch,
+              show_default=True, metavar="K",
+              help="orders of the batch timed until the views are fresh (0: skip)")
+@click.option("--history-days", type=click.IntRange(min=1),
+              default=CurveOptions.history_days, show_default=True, metavar="DAYS",
+              help="days (up to an hour ago) the preloaded orders are spread over")
+@click.option("--design", type=click.Choice(DESIGNS), default=CurveOptions.design,
+              show_default=True,
+              help="partitioned: the product's orders; unpartitioned: raw inserts into a "
+                   "single orders_flat table, promotion rate only")
+@click.option("--workers", type=click.IntRange(WORKERS.minimum, WORKERS.maximum), metavar="N",
+              help="staging worker processes (default WORKER_COUNT)")
+@click.option("--batch-size", type=click.IntRange(BATCH_SIZE.minimum, BATCH_SIZE.maximum),
+              metavar="B", help="orders per batch (default BATCH_SIZE)")
+@click.option("--dashboard-interval", type=_POSITIVE, default=CurveOptions.dashboard_interval,
+              show_default=True, metavar="SECONDS", help="pause between dashboard queries")
+@click.option("--seed", type=int, default=1, show_default=True, help="generator seed")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=CURVE_OUTPUT, show_default=True, metavar="PATH",
+              help="where to write the JSON results (directories are created)")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH.png",
+              help="also draw the curve (needs matplotlib: the `bench` extra)")
+def scale_curve(sizes: tuple[int, ...], run_orders: int, fresh_batch: int, history_days: int,
+                design: str, workers: int | None, batch_size: int | None,
+                dashboard_interval: float, seed: int, output: Path, plot: Path | None
+                ) -> None:
+    """Grow one throwaway database through --sizes orders present (COPY preloads spread over
+    --history-days) and measure at each size: promotion of a run with UUIDv7 and with random
+    UUIDv4 ids, views fresh after a batch, dashboard latency, sizes, WAL and memory; print a
+    markdown table and write JSON (also after each size, `complete` false until the end) and
+    a plot. The database is removed afterwards."""
+    if plot is not None:
+        try:
+            require_matplotlib()
+        except ModuleNotFoundError as exc:
+            raise click.ClickException(str(exc)) from exc
+    load_env_file()
+    settings = Settings.from_env()
+    _preflight(settings)
+    options = CurveOptions(sizes=sizes, run_orders=run_orders, fresh_batch=fresh_batch,
+                           history_days=history_days, design=design,
+                           workers=workers or settings.pipeline.worker_count,
+                           batch_size=batch_size or settings.pipeline.batch_size,
+                           dashboard_interval=dashboard_interval, seed=seed)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict[str, Any]) -> None:
+        output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    result = run_curve(settings, options, progress=print_progress,
+                       show_progress=sys.stderr.isatty(), on_point=save)
+    click.echo(render_curve(result))
+    save(result)
+    click.echo(f"results written to {output}")
+    if plot is not None:
+        plot_curve(result, plot)
+        click.echo(f"plot drawn to {plot}")
+
+
+SUBCOMMANDS = {SCALING: promotion_scaling, CURVE: scale_curve}
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
@@ -189,8 +279,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         message, code = exc.format_message(), 1
     except ConfigError as exc:
         message, code = f"bad configuration: {exc}", 1
-    except (BenchmarkFailed, ScalingFailed, WorkerFailed, ValueError, OSError, psycopg.Error,
-            redis.RedisError) as exc:
+    except (BenchmarkFailed, ScalingFailed, ScaleCurveRefused, WorkerFailed, ValueError,
+            OSError, psycopg.Error, redis.RedisError) as exc:
         message, code = " ".join(f"{type(exc).__name__}: {exc}".split()), 1
     except click.Abort:
         message, code = "interrupted", 130

@@ -115,7 +115,18 @@ def _stage(stage: str, rows: int, seconds: float, **extra: Any) -> dict[str, Any
             "rows_per_second": _rate(rows, seconds), **extra}
 
 
-def _peak_rss_kib() -> int:
+def peak_rss_kib() -> int:
+    """This process's peak RSS so far, KiB: the kernel's high-water mark of its memory
+    (VmHWM). Not `ru_maxrss`, which a spawned process inherits from its parent's at the fork
+    (Linux keeps it across exec), so every child would report at least its parent's peak.
+    `ru_maxrss` only where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
@@ -125,14 +136,16 @@ def _peak_rss_kib() -> int:
 Reports: TypeAlias = "mp.Queue[tuple[str, str, Any]]"
 
 
-def _child_main(role: str, reports: Reports, target: Callable[..., Any],
-                args: tuple[Any, ...]) -> None:
+def child_main(role: str, reports: Reports, target: Callable[..., Any],
+               args: tuple[Any, ...]) -> None:
+    """Body of a benchmark process: run `target(*args)`, then report (role, "done",
+    {"result", "peak_rss_kib"}) or (role, "error", text) on `reports` (and re-raise)."""
     try:
         result = target(*args)
     except BaseException as exc:  # reported to the parent, which fails the run
         reports.put((role, "error", f"{type(exc).__name__}: {exc}"))
         raise
-    reports.put((role, "done", {"result": result, "peak_rss_kib": _peak_rss_kib()}))
+    reports.put((role, "done", {"result": result, "peak_rss_kib": peak_rss_kib()}))
 
 
 def _produce(settings: Settings, options: BenchmarkOptions) -> dict[str, Any]:
@@ -215,7 +228,9 @@ def _promote(settings: Settings, staging_done: Event, refresh_every: float,
             "final": final, "views_fresh_at": time.time()}
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """Latency figures of `samples` (seconds): count, p50/p95/p99/max/mean in ms; only the
+    count (0) when there are none."""
     if not samples:
         return {"count": 0}
     ordered = sorted(samples)
@@ -228,22 +243,31 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ordered) * 1000, 2)}
 
 
-def _dashboard(settings: Settings, stop: Event, interval: float,
-               reports: Reports) -> dict[str, Any]:
-    """A dashboard polling the views while ingest and refreshes run: query latencies."""
-    latencies: dict[str, list[float]] = {name: [] for name in DASHBOARD_QUERIES}
+def poll_dashboard(settings: Settings, stop: Event, interval: float,
+                   reports: Reports) -> dict[str, list[tuple[float, float]]]:
+    """A dashboard polling the views (DASHBOARD_QUERIES, then a pause of `interval` s) until
+    `stop`; reports ("dashboard", "ready", None) once connected. Returns per query its
+    samples: (wall-clock time it started, as `time.time()`; seconds it took)."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in DASHBOARD_QUERIES}
     with pg_connect(settings.postgres) as conn:
         conn.autocommit = True
         reports.put(("dashboard", "ready", None))
         while not stop.is_set():
             for name, query in DASHBOARD_QUERIES.items():
-                started = time.perf_counter()
+                at, started = time.time(), time.perf_counter()
                 conn.execute(query).fetchall()
-                latencies[name].append(time.perf_counter() - started)
+                samples[name].append((at, time.perf_counter() - started))
             stop.wait(interval)
+    return samples
+
+
+def _dashboard(settings: Settings, stop: Event, interval: float,
+               reports: Reports) -> dict[str, Any]:
+    """A dashboard polling the views while ingest and refreshes run: query latencies."""
+    samples = poll_dashboard(settings, stop, interval, reports)
     return {"interval_seconds": interval,
-            "all": _percentiles([s for v in latencies.values() for s in v]),
-            **{name: _percentiles(v) for name, v in latencies.items()}}
+            "all": percentiles([s for v in samples.values() for _, s in v]),
+            **{name: percentiles([s for _, s in v]) for name, v in samples.items()}}
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -251,18 +275,41 @@ def _dashboard(settings: Settings, stop: Event, interval: float,
 
 def _relation_sizes(settings: Settings) -> dict[str, Any]:
     """Bytes on disk of `orders` (heap, each index), the rollups and the views."""
-    names = ["orders", "orders_staging", "orders_rejected", "ingest_batches", *ROLLUPS, *VIEWS]
+    names = ["orders", "order_ids", "orders_staging", "orders_rejected", "ingest_batches",
+             *ROLLUPS]
     with pg_connect(settings.postgres) as conn:
-        relations = {name: {"total_bytes": total, "heap_bytes": heap, "index_bytes": index,
+        # A partitioned table (`orders`) is the sum of its partitions; pg_partition_tree of
+        # a plain table is empty, so such a table counts itself.
+        relations = {name: {"total_bytes": int(total), "heap_bytes": int(heap),
+                            "index_bytes": int(index),
                             "rows": conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
                                 sql.Identifier(name))).fetchone()[0]}
                      for name, total, heap, index in conn.execute(
-            "SELECT c.relname, pg_total_relation_size(c.oid), pg_relation_size(c.oid),"
-            " pg_indexes_size(c.oid) FROM pg_class AS c"
-            " WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'm')", (names,)).fetchall()}
-        indexes = dict(conn.execute(
-            "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index"
-            " WHERE indrelid = 'orders'::regclass").fetchall())
+            "SELECT c.relname, sum(pg_total_relation_size(p.oid)),"
+            " sum(pg_relation_size(p.oid)), sum(pg_indexes_size(p.oid))"
+            " FROM pg_class AS c CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(c.oid)"
+            " WHERE isleaf UNION ALL SELECT c.oid WHERE c.relkind <> 'p') AS p(oid)"
+            " WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'm', 'p') GROUP BY c.relname",
+            (names,)).fetchall()}
+        # A dashboard view is a plain view over its month materialized views (`view_slices`):
+        # it is the sum of those slices.
+        for view in VIEWS:
+            total, heap, index, slices = conn.execute(
+                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0),"
+                " coalesce(sum(pg_relation_size(c.oid)), 0),"
+                " coalesce(sum(pg_indexes_size(c.oid)), 0), count(c.oid)"
+                " FROM view_slices AS s"
+                " JOIN pg_class AS c ON c.oid = to_regclass(quote_ident(s.relation_name))"
+                " WHERE s.view_name = %s", (view,)).fetchone()
+            relations[view] = {
+                "total_bytes": int(total), "heap_bytes": int(heap), "index_bytes": int(index),
+                "rows": conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                    sql.Identifier(view))).fetchone()[0],
+                "slices": slices}
+        indexes = {name: int(size) for name, size in conn.execute(
+            "SELECT i.indexrelid::regclass::text, sum(pg_relation_size(t.relid))"
+            " FROM pg_index AS i, pg_partition_tree(i.indexrelid) AS t"
+            " WHERE i.indrelid = 'orders'::regclass AND t.isleaf GROUP BY 1").fetchall()}
         database = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
     orders = relations["orders"]["rows"]
     per_order = relations["orders"]["total_bytes"] / orders if orders else 0.0
@@ -270,12 +317,14 @@ def _relation_sizes(settings: Settings) -> dict[str, Any]:
             "orders_bytes_per_order": round(per_order, 1), "database_bytes": database}
 
 
-def _wal_lsn(settings: Settings) -> str:
+def wal_lsn(settings: Settings) -> str:
+    """The server's current WAL position (`pg_current_wal_lsn()` as text)."""
     with pg_connect(settings.postgres) as conn:
         return conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
 
 
-def _wal_bytes(settings: Settings, since: str) -> int:
+def wal_bytes(settings: Settings, since: str) -> int:
+    """Bytes of WAL the server wrote since the position `since` (`wal_lsn`)."""
     with pg_connect(settings.postgres) as conn:
         return int(conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
                                 (since,)).fetchone()[0])
@@ -346,11 +395,13 @@ def _fresh_after_batch(settings: Settings, options: BenchmarkOptions) -> dict[st
             "views_fresh_seconds": round(total, 4)}
 
 
-def _run_child(ctx: Any, role: str, target: Callable[..., Any], args: tuple[Any, ...],
-               ) -> dict[str, Any]:
-    """Run `target(*args)` in its own process; its result and its peak RSS."""
+def run_child(ctx: Any, role: str, target: Callable[..., Any], args: tuple[Any, ...],
+              ) -> dict[str, Any]:
+    """Run `target(*args)` in its own process (of multiprocessing context `ctx`); returns
+    {"result": its result, "peak_rss_kib": its peak RSS}. Raises BenchmarkFailed if it
+    raised or died."""
     reports: Reports = ctx.Queue()
-    process = ctx.Process(target=_child_main, name=role, args=(role, reports, target, args))
+    process = ctx.Process(target=child_main, name=role, args=(role, reports, target, args))
     process.start()
     try:
         while True:
@@ -422,7 +473,7 @@ def _overlapped(bench: Settings, options: BenchmarkOptions, ctx: Any,
             staging_done.set()
 
     def start(role: str, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        run.processes[role] = ctx.Process(target=_child_main, name=role,
+        run.processes[role] = ctx.Process(target=child_main, name=role,
                                           args=(role, reports, target, args))
         run.processes[role].start()
 
@@ -598,16 +649,16 @@ def _measure(bench: Settings, options: BenchmarkOptions,
     rss: dict[str, Any] = {}
     out: dict[str, Any] = {}
     if options.preload:
-        loaded = _run_child(ctx, "preload", preload_orders,
+        loaded = run_child(ctx, "preload", preload_orders,
                             (bench, options.preload, options.seed + 5_000_011, show_progress))
         out["preload"] = loaded["result"]
         rss["preload"] = loaded["peak_rss_kib"]
-    wal_before = _wal_lsn(bench)
+    wal_before = wal_lsn(bench)
     redis_before = _redis_used_memory(bench)
     commands_before = _redis_command_usec(bench)
     run, cpu, worker_rss = _overlapped(bench, options, ctx, show_progress)
     out.update(_summarise(options, run))
-    out["end_to_end"]["wal_bytes"] = _wal_bytes(bench, wal_before)
+    out["end_to_end"]["wal_bytes"] = wal_bytes(bench, wal_before)
     out["end_to_end"]["redis_memory_growth_bytes"] = _redis_used_memory(bench) - redis_before
     cpu["redis_command_seconds"] = _redis_command_seconds(bench, commands_before)
     out["cpu"] = cpu
@@ -617,7 +668,7 @@ def _measure(bench: Settings, options: BenchmarkOptions,
     if options.fresh_batch:
         out["fresh_after_batch"] = _fresh_after_batch(bench, options)
     if options.sample_rows:
-        measured = _run_child(ctx, "raw_limits", raw_limits.measure,
+        measured = run_child(ctx, "raw_limits", raw_limits.measure,
                               (bench, options.sample_rows, options.batch_size,
                                options.raw_repeats, options.seed))
         out["raw_limits"] = measured["result"]
@@ -631,7 +682,7 @@ def _measure(bench: Settings, options: BenchmarkOptions,
                          verified=orders_rows == expected)
     machine["load_average_after"] = os.getloadavg()
     out["machine"] = machine
-    out["peak_rss_kib"] = {"self": _peak_rss_kib(), **rss}
+    out["peak_rss_kib"] = {"self": peak_rss_kib(), **rss}
     out["targets"] = _targets(out)
     return out
 

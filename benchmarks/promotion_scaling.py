@@ -58,8 +58,8 @@ from orders_pipeline.settings import PostgresSettings, Settings
 
 GENERATE_CHUNK = 100_000
 # What each run empties before it stages again.
-RUN_TABLES = ("orders", "orders_staging", "orders_rejected", "ingest_batches", "promotions",
-              "promoted_outbox", "raw_batches", *ROLLUPS)
+RUN_TABLES = ("orders", "order_ids", "orders_staging", "orders_rejected", "ingest_batches",
+              "promotions", "promoted_outbox", "raw_batches", *ROLLUPS)
 PROMOTER_TIMEOUT_SECONDS = 3600
 
 

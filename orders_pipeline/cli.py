@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -39,6 +39,7 @@ from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from orders_pipeline import backup, fanout, generator, pipeline
 from orders_pipeline.connections import close_all, pg_connect, redis_client
+from orders_pipeline.postgres_patterns.partitions import RetentionRefused, horizon_keeping
 from orders_pipeline.postgres_patterns.promotion import QuarantinedBatch, error_text
 from orders_pipeline.postgres_patterns.redrive import RedriveRefused, RejectFilter
 from orders_pipeline.postgres_patterns.replay import ReplayRefused, Window
@@ -134,6 +135,20 @@ class _Instant(click.ParamType):
             return datetime.fromisoformat(value)
         except ValueError:
             self.fail(f"{value!r} is not an ISO 8601 instant", param, ctx)
+
+
+class _Month(click.ParamType):
+    """A UTC month as YYYY-MM; the first day of it."""
+    name = "month"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> date:
+        if isinstance(value, date):
+            return value
+        match = re.fullmatch(r"([0-9]{4})-([0-9]{2})", str(value).strip())
+        if match is None or not 1 <= int(match[2]) <= 12 or int(match[1]) < 1:
+            self.fail(f"{value!r} is not a month as YYYY-MM (e.g. 2024-01)", param, ctx)
+        return date(int(match[1]), int(match[2]), 1)
 
 
 def _batch_size_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -691,6 +706,38 @@ def cmd_refresh(settings: Settings, every_month: bool) -> None:
     _check_postgres(settings, schema=True)
     for view, seconds in pipeline.refresh_all_views(settings, every_month=every_month).items():
         click.echo(f"{view:<28} refreshed in {seconds:.3f} s")
+
+
+@main.command("retention")
+@click.option("--before", "horizon", type=_Month(), metavar="YYYY-MM",
+              help="drop every month before this one")
+@click.option("--keep-months", type=click.IntRange(min=1), metavar="N",
+              help="keep the current UTC month and the N-1 before it; drop the older ones")
+@click.option("--dry-run", is_flag=True, help="report what would be dropped; change nothing")
+@_with_settings
+def cmd_retention(settings: Settings, horizon: date | None, keep_months: int | None,
+                  dry_run: bool) -> None:
+    """Drop whole months of orders: their partitions of `orders`, their ids, their rollup rows
+    and their month views, in one transaction.
+
+    Orders dated before the horizon that arrive later are rejected (reason in
+    `orders_rejected`). Give --before YYYY-MM or --keep-months N."""
+    if (horizon is None) == (keep_months is None):
+        raise CliError("give exactly one of --before YYYY-MM and --keep-months N; e.g. "
+                       f"`{PROG} retention --keep-months 36 --dry-run`")
+    if horizon is None:
+        horizon = horizon_keeping(keep_months or 1)
+    _check_postgres(settings, schema=True)
+    try:
+        result = pipeline.apply_retention(settings, horizon, dry_run=dry_run)
+    except RetentionRefused as exc:
+        raise CliError(str(exc)) from exc
+    verb = "would drop" if dry_run else "dropped"
+    click.echo(f"retention before {result.horizon:%Y-%m}: {verb} {len(result.partitions)} "
+               f"month partitions ({result.orders:,} orders, {result.ids:,} ids) and "
+               f"{len(result.view_slices)} month views")
+    for name in result.partitions:
+        click.echo(f"  {name}")
 
 
 @main.command("stats")

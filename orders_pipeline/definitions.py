@@ -10,6 +10,7 @@ from orders_pipeline.assets import checks, fanout, lookup, orders, queue, replay
 from orders_pipeline.assets.backup import backup_job
 from orders_pipeline.assets.catalog import rendered
 from orders_pipeline.assets.redrive import redrive_rejected_job
+from orders_pipeline.assets.retention import retention_job
 from orders_pipeline.executors import executor_from_env
 from orders_pipeline.jobs import ingest_orders_job
 from orders_pipeline.resources import resources_from_env
@@ -33,7 +34,7 @@ defs = dg.Definitions(
     ]),
     asset_checks=[queue.MONITOR.checks, fanout.promoted_orders_relayed,
                   *dg.load_asset_checks_from_modules([checks])],
-    jobs=[ingest_orders_job, redrive_rejected_job, backup_job],
+    jobs=[ingest_orders_job, redrive_rejected_job, backup_job, retention_job],
     sensors=[completion_signal_sensor, queue.MONITOR.sensor, lookup_sources_sensor,
              automation_condition_sensor, fanout.promoted_stream_observation_sensor],
     resources=resources_from_env(),

@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from multiprocessing import connection as mp_connection
 from multiprocessing.queues import SimpleQueue
 from types import FrameType
@@ -27,7 +27,7 @@ import psycopg
 from orders_pipeline.connections import pg_pool, redis_client
 from orders_pipeline.fanout import relay
 from orders_pipeline.faults import crash_point
-from orders_pipeline.postgres_patterns import archive, redrive, replay
+from orders_pipeline.postgres_patterns import archive, partitions, redrive, replay
 from orders_pipeline.postgres_patterns.batch_outbox import Outbox
 from orders_pipeline.postgres_patterns.promotion import (
     PromotionResult,
@@ -256,7 +256,9 @@ def promote_staged(settings: Settings, max_batches_per_round: int = 400, *,
     A poison batch is quarantined by its round (`promote_round`, which copies its raw payloads
     from the Redis batch list into Postgres in the same transaction) and the others are
     promoted; after the commit it moves from `{P}:staged` to `{P}:quarantined`, its list kept.
-    A move that a crash interrupted is finished by the next call. Errors that are not poison
+    A move that a crash interrupted is finished by the next call. First, the month partitions
+    of `orders` for this month and PARTITIONS_AHEAD after it are created if missing
+    (`partitions.ensure_ahead`). Errors that are not poison
     (`promotion.is_poison`) propagate; the round they hit committed nothing. Last, the
     fan-out outbox is relayed into `{P}:promoted` (`fanout.relay`: what these rounds wrote
     and whatever an earlier relay left; `entries_published`).
@@ -267,6 +269,7 @@ def promote_staged(settings: Settings, max_batches_per_round: int = 400, *,
     finish_redrives(settings)
     total = PromotionResult()
     with pg_pool(settings.postgres).connection() as conn:
+        partitions.ensure_ahead(conn)
         for shard in [None] if shards is None else sorted(set(shards)):
             while True:
                 result = promote_round(conn, max_batches_per_round, queue.batch_payloads,
@@ -531,6 +534,15 @@ def prune_archive(settings: Settings) -> list[str]:
     once a day anyway); returns the partitions dropped."""
     with pg_pool(settings.postgres).connection() as conn:
         return archive.prune(conn, settings.pipeline.raw_retention_days)
+
+
+def apply_retention(settings: Settings, horizon: date, *,
+                    dry_run: bool = False) -> partitions.RetentionResult:
+    """Drop every month before `horizon` (first of a month) from `orders`, the id guard, the
+    rollups and the dashboard views, in one transaction (`partitions.apply_retention`, which
+    raises RetentionRefused saying why it cannot); with `dry_run`, only report it."""
+    with pg_pool(settings.postgres, via_pgbouncer=False).connection() as conn:
+        return partitions.apply_retention(conn, horizon, dry_run=dry_run)
 
 
 def refresh_all_views(settings: Settings, *, every_month: bool = False) -> dict[str, float]:

@@ -249,7 +249,8 @@ class StagingWorker:
         raw = None if replay else RawBatch.of(payloads, self.settings.pipeline.raw_retention_days)
         with pg_pool(self.settings.postgres).connection() as conn:
             outcome = stage_batch(conn, StagingBatch(
-                batch.batch_id, len(payloads), staged, rejects, duplicates, raw, batch.shard))
+                batch.batch_id, len(payloads), staged, rejects, duplicates, raw, batch.shard,
+                payloads))
         crash_point("after_copy")
         self._hand_over(batch, outcome, staged)
         return BatchReport(batch.batch_id, len(payloads), duplicates, rejects.height,

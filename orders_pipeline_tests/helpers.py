@@ -142,7 +142,8 @@ def fresh_example(settings: Settings, rconn: redis.Redis, pg: psycopg.Connection
     slow, and the test's own prefix, with everything under it, is removed by the fixture at
     the end.
     """
-    tables = ("orders", "orders_staging", "orders_rejected", "ingest_batches", "promotions",
+    tables = ("orders", "order_ids", "orders_staging", "orders_rejected", "ingest_batches",
+              "promotions",
               *ROLLUPS)
     pg.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
     base = RedisKeys(settings.redis.key_prefix)

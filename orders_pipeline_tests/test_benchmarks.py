@@ -10,13 +10,25 @@ import ast
 import json
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import polars as pl
 import psycopg
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from benchmarks.cli import main as benchmark_main
+from benchmarks.preload import uuid4_ids, uuid7_ids
+from benchmarks.scale_curve import parse_sizes, uuid4_payloads
+from orders_pipeline import generator, transform
 from orders_pipeline.cli import main
+from orders_pipeline.connections import pg_connect
+from orders_pipeline.faults import CRASH_ENV
 from orders_pipeline.settings import Settings
 from orders_pipeline_tests.helpers import REPO, pipeline_env
 
@@ -139,3 +151,186 @@ def test_the_product_imports_nothing_from_benchmarks() -> None:
                 assert id(node) in inside_functions, f"{path}:{node.lineno} imports benchmarks"
                 lazy.append(path.relative_to(REPO).as_posix())
     assert lazy == ["orders_pipeline/cli.py"]
+
+
+# --------------------------------------------------------------------------- scale-curve
+
+GIB_KIB = 2**20
+CURVE_PROG = "orders-pipeline-benchmark scale-curve"
+
+
+def last_error_line(err: str) -> str:
+    """The one error line, after the progress lines the curve prints on stderr."""
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith(f"{CURVE_PROG}: error: ")]
+    assert errors == lines[-1:], err
+    return errors[0]
+
+
+def scale_curve(output: Path, *args: str) -> tuple[int, dict]:
+    code = benchmark_main(["scale-curve", "--run-orders", "1000", "--batch-size", "250",
+                           "--workers", "1", "--history-days", "400", "--output", str(output),
+                           *args])
+    return code, json.loads(output.read_text()) if code == 0 else {}
+
+
+def test_scale_curve_grows_one_database_and_measures_each_size(
+        bench_env: Path, pg: psycopg.Connection, rconn: redis.Redis,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two sizes on one scratch database: preloaded up to each size, then both id styles'
+    promotion, the fresh batch, the dashboard, sizes and memory; everything removed after."""
+    plot = bench_env / "curve.png"  # matplotlib: the `bench` extra, which .ci/run installs
+    code, result = scale_curve(bench_env / "curve.json", "--sizes", "0,3000",
+                               "--fresh-batch", "300", "--plot", str(plot))
+    out = capsys.readouterr().out
+    assert code == 0 and "| orders present |" in out and "\n| 3,000 | " in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["complete"] and result["options"]["sizes"] == [0, 3000]
+    first, second = result["points"]
+    # Orders present before the runs equal the sizes: 2 runs + the batch came after size 0.
+    assert [first["orders_present"], second["orders_present"]] == [0, 3000]
+    assert "preload" not in first and second["preload"]["orders"] == 3000 - 2300
+    preload = second["preload"]
+    assert preload["copy_seconds"] > 0 and preload["load_orders_per_second"] > 0
+    assert preload["days"] == 400 and preload["partitions_created"] >= 13
+    assert 0 < preload["peak_rss_kib"] < GIB_KIB and preload["wal_bytes"] > 0
+    for point, present in ((first, 0), (second, 3000)):
+        runs = point["runs"]
+        assert [runs[s]["orders_present_before"] for s in ("uuid7", "uuid4")] == [
+            present, present + 1000]
+        for run in runs.values():
+            assert run["orders"] == 1000 and run["promoted_batches"] == 4
+            assert run["promote_orders_per_second"] == pytest.approx(
+                1000 / run["promote_seconds"], rel=0.02)
+            assert run["stage_seconds"] > 0 and run["refresh_seconds"] > 0
+            assert run["promotion_wal_bytes"] > 0
+        fresh = point["fresh_batch"]
+        assert fresh["views_answer_with_batch"] and fresh["orders"] == 300
+        assert fresh["views_fresh_seconds"] > 0 and fresh["promote_seconds"] > 0
+        assert fresh["orders_present_before"] == present + 2000
+        assert point["orders_present_after"] == present + 2300
+        dashboard = point["dashboard"]["all"]
+        assert dashboard["count"] > 0 and 0 < dashboard["p50_ms"] <= dashboard["p99_ms"]
+        assert dashboard["p99_ms"] <= dashboard["max_ms"]
+        assert {"run_uuid7", "run_uuid4", "fresh_batch"} <= set(point["dashboard"]["by_phase"])
+        sizes = point["sizes"]
+        orders = sizes["orders"]
+        assert 0 < orders["heap_bytes"] + orders["index_bytes"] <= orders["total_bytes"]
+        assert sizes["guard"]["total_bytes"] > 0 and sizes["view_slices"]["count"] > 0
+        assert sizes["database_bytes"] > orders["total_bytes"] + sizes["guard"]["total_bytes"]
+        assert point["wal_bytes"] > 0
+        memory = point["memory"]
+        assert memory["postgres"]["available"] and memory["postgres"]["pss_kib"] > 0
+        assert memory["postgres"]["rss_kib"] >= memory["postgres"]["pss_kib"]
+        assert memory["redis"]["used_memory"] > 0
+        assert all(0 < kib < GIB_KIB for kib in memory["peak_rss_kib"].values())
+    # 14 months of history (400 days) and the current month with the three after it.
+    assert second["sizes"]["partitions"]["count"] >= 14
+    assert second["sizes"]["partitions"]["largest"]["total_bytes"] > 0
+    assert result["verified"] == {"expected": 5300, "verified": True,
+                                  "counted": {"orders": 5300, "order_ids": 5300}}
+    assert result["database"] not in {r[0] for r in pg.execute(BENCH_DATABASES)}
+    assert not list(rconn.scan_iter(match=f"{result['key_prefix']}:*"))
+
+
+def test_scale_curve_unpartitioned_is_a_raw_insert_comparison(
+        bench_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, result = scale_curve(bench_env / "flat.json", "--sizes", "0,2500",
+                               "--design", "unpartitioned")
+    assert code == 0 and "raw-insert comparison" in capsys.readouterr().out
+    first, second = result["points"]
+    assert [first["orders_present"], second["orders_present"]] == [0, 2500]
+    assert second["preload"]["table"] == "orders_flat" and second["preload"]["orders"] == 500
+    for point in result["points"]:
+        assert not {"fresh_batch", "dashboard"} & set(point)
+        assert all(run["promote_orders_per_second"] > 0 for run in point["runs"].values())
+        assert point["sizes"]["orders"]["table"] == "orders_flat"
+        assert point["sizes"]["orders"]["total_bytes"] > 0
+    assert result["verified"]["counted"] == {"orders_flat": 4500}
+
+
+def test_scale_curve_refuses_when_the_disk_is_short(
+        bench_env: Path, pg: psycopg.Connection, capsys: pytest.CaptureFixture[str]) -> None:
+    data = pg.execute("SHOW data_directory").fetchone()[0]
+    if not Path(data).exists():
+        pytest.skip("the Postgres data directory is not on this host: free disk is unknown")
+    before = {r[0] for r in pg.execute(BENCH_DATABASES)}
+    code = benchmark_main(["scale-curve", "--sizes", f"0,{10**12}"])
+    line = last_error_line(capsys.readouterr().err)
+    assert code == 1 and "not enough free disk for the curve" in line and "GiB free at" in line
+    assert {r[0] for r in pg.execute(BENCH_DATABASES)} <= before
+
+
+def test_scale_curve_failing_step_is_one_line_and_leaves_nothing_behind(
+        bench_env: Path, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Both staging workers die at their first claim: the curve stops with the workers'
+    failure in one line, its dashboard process stopped and its scratch database dropped."""
+    monkeypatch.setenv(CRASH_ENV, "after_claim")
+    before = {r[0] for r in pg.execute(BENCH_DATABASES)}
+    code = benchmark_main(["scale-curve", "--sizes", "0", "--run-orders", "500",
+                           "--batch-size", "100", "--workers", "2"])
+    line = last_error_line(capsys.readouterr().err)
+    assert code == 1 and "WorkerFailed: staging-worker-" in line and "code -9" in line
+    assert {r[0] for r in pg.execute(BENCH_DATABASES)} <= before
+
+
+def test_scale_curve_refuses_bad_sizes_in_one_line(
+        bench_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for sizes in ("5,3", "0,0", "-1,4", "a", ""):
+        assert benchmark_main(["scale-curve", "--sizes", sizes]) == 2
+        line = one_error_line(capsys.readouterr().err, CURVE_PROG)
+        assert "--sizes" in line
+
+
+@hypothesis_settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 10**12), min_size=1, max_size=6))
+def test_sizes_are_distinct_and_ascending(sizes: list[int]) -> None:
+    text = ",".join(map(str, sizes))
+    if sizes == sorted(set(sizes)):
+        assert parse_sizes(text) == tuple(sizes)
+    else:
+        with pytest.raises(ValueError, match="ascending"):
+            parse_sizes(text)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**48 - 1), st.integers(0, 2**40 - 1)),
+                min_size=1, max_size=50, unique_by=lambda pair: pair[1]),
+       st.integers(0, 2**63))
+def test_preload_ids_are_uuid7_with_the_order_time(pairs: list[tuple[int, int]],
+                                                    seed: int) -> None:
+    """Each preload id is a UUIDv7 carrying its order's millisecond and its number (so
+    distinct numbers never collide), whatever the seed."""
+    frame = pl.DataFrame({"ms": [ms for ms, _ in pairs], "n": [n for _, n in pairs]},
+                         schema={"ms": pl.Int64, "n": pl.Int64})
+    ids = frame.select(uuid7_ids(pl.col("ms"), pl.col("n"), seed).alias("id"))["id"].to_list()
+    for text, (ms, number) in zip(ids, pairs, strict=True):
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+        assert parsed.int >> 80 == ms and parsed.int % 2**40 == number
+    assert len(set(ids)) == len(ids)
+
+
+@hypothesis_settings(max_examples=50, deadline=None)
+@given(st.integers(1, 2000), st.integers(0, 2**64 - 1))
+def test_uuid4_ids_are_random_version_4(count: int, seed: int) -> None:
+    ids = uuid4_ids(count, seed).to_list()
+    parsed = [uuid.UUID(text) for text in ids]
+    assert [str(p) for p in parsed] == ids and len(set(ids)) == count
+    assert all(p.version == 4 and p.variant == uuid.RFC_4122 for p in parsed)
+
+
+def test_uuid4_payloads_are_valid_orders(settings: Settings) -> None:
+    """The benchmark's random-id payloads pass the product's parse and rules, ids v4."""
+    with pg_connect(settings.postgres) as conn:
+        refs = generator.References.load(conn)
+    payloads = uuid4_payloads(refs, 500, seed=3)
+    parsed = transform.parse_payloads(payloads)
+    valid, invalid = transform.validate_values(parsed.rows)
+    assert parsed.rejects.height == 0 and invalid.height == 0 and valid.height == 500
+    ids = valid["order_id"].to_list()
+    assert len(set(ids)) == 500 and {uuid.UUID(i).version for i in ids} == {4}
+    stamps = [datetime.fromisoformat(json.loads(p)["order_timestamp"]) for p in payloads]
+    assert all((datetime.now(UTC) - stamp).total_seconds() < 3700 for stamp in stamps)

@@ -133,7 +133,7 @@ def test_first_valid_copy_wins_whatever_the_parse_path(
         batches = data.draw(copies(refs))
         own = dataclasses.replace(settings, redis=dataclasses.replace(
             settings.redis, key_prefix=f"{settings.redis.key_prefix}:{next(examples)}"))
-        pg.execute("TRUNCATE orders, orders_rejected, ingest_batches, orders_staging,"
+        pg.execute("TRUNCATE orders, order_ids, orders_rejected, ingest_batches, orders_staging,"
                    " sales_hourly_rollup, product_daily_rollup")
         run_pipeline(own, rconn, RedisKeys(own.redis.key_prefix), batches)
         expected: dict[str, int] = {}

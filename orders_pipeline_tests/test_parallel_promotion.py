@@ -496,8 +496,8 @@ def assignments(draw: st.DrawFn) -> tuple[list[tuple[str, int, list[Copy]]], int
             draw(st.integers(1, 4)))
 
 
-TABLES = ("orders", "orders_staging", "orders_rejected", "ingest_batches", "promotions",
-          "promoted_outbox", *ROLLUPS)
+TABLES = ("orders", "order_ids", "orders_staging", "orders_rejected", "ingest_batches",
+          "promotions", "promoted_outbox", *ROLLUPS)
 
 
 @hypothesis_settings(max_examples=40, deadline=None, database=None,

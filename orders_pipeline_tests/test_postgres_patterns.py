@@ -97,11 +97,23 @@ def test_staging_is_unlogged_and_orders_are_keyed(pg: psycopg.Connection) -> Non
         "SELECT relname::text, relpersistence::text FROM pg_class"
         " WHERE relname IN ('orders_staging', 'orders', 'ingest_batches')").fetchall())
     assert persistence == {"orders_staging": "u", "orders": "p", "ingest_batches": "p"}
-    primary_key = pg.execute(
-        "SELECT array_agg(a.attname::text) FROM pg_constraint c"
-        " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY(c.conkey)"
-        " WHERE c.conrelid = 'orders'::regclass AND c.contype = 'p'").fetchone()[0]
-    assert primary_key == ["order_id"]
+    # `orders` is partitioned by month of order_timestamp; its key must hold the partition
+    # key, and `order_ids` keeps each id once across partitions (sql/015).
+    assert pg.execute("SELECT relkind::text FROM pg_class WHERE oid = 'orders'::regclass"
+                      ).fetchone()[0] == "p"
+    assert pg.execute("SELECT pg_get_partkeydef('orders'::regclass)").fetchone()[0] == (
+        "RANGE (order_timestamp)")
+
+    def key_of(table: str) -> list[str]:
+        return pg.execute(
+            "SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_constraint c,"
+            " unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
+            " JOIN pg_attribute a ON a.attnum = k.attnum"
+            " WHERE a.attrelid = c.conrelid AND c.conrelid = %s::regclass AND c.contype = 'p'",
+            (table,)).fetchone()[0]
+
+    assert key_of("orders") == ["order_id", "order_timestamp"]
+    assert key_of("order_ids") == ["order_id"]
     leading = pg.execute(
         "SELECT a.attname::text FROM pg_index i"
         " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
@@ -110,6 +122,11 @@ def test_staging_is_unlogged_and_orders_are_keyed(pg: psycopg.Connection) -> Non
 
 
 def insert_order(pg: psycopg.Connection, order_id: str, stamp: str, usd: str) -> None:
+    """An order written by hand, as promotion would store it (its month's partition first)."""
+    pg.execute("SELECT orders_ensure_months(ARRAY[(%s::timestamptz AT TIME ZONE 'UTC')::date])",
+               (stamp,))
+    pg.execute("INSERT INTO order_ids (order_id, order_timestamp) VALUES (%s, %s)",
+               (order_id, stamp))
     pg.execute(
         "INSERT INTO orders (order_id, customer_id, product_id, quantity, unit_price, currency,"
         " zip_code, order_timestamp, total_amount, total_amount_usd, category, region,"

@@ -53,13 +53,18 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
 from orders_pipeline import contract
 from orders_pipeline.faults import crash_point
+from orders_pipeline.postgres_patterns.partitions import (
+    ensure_months,
+    missing_months,
+    month_of,
+)
 from orders_pipeline.postgres_patterns.replay import reprocess_staged
 from orders_pipeline.postgres_patterns.views import PROMOTE_LOCK, ROLLUPS, rollup_upsert
 
@@ -86,25 +91,45 @@ def _in_key_order(statement: str) -> str:
 
 
 def _insert_orders(order_by: str) -> str:
-    """Insert the batches' staged rows (in `order_by` order, if any), fold exactly the rows
-    inserted into the view rollups in key order, and list their ids in the fan-out outbox,
-    one row per batch (`postgres_patterns.promoted_outbox`); returns the rows inserted and
-    the ids of the outbox rows written. Built from constants only."""
+    """Insert the batches' staged rows (in `order_by` order, if any) into `orders` and their
+    ids into the guard `order_ids`; fold exactly the rows that landed (inserted, and their id
+    new to the guard) into the view rollups in key order, and list their ids in the fan-out
+    outbox, one row per batch (`postgres_patterns.promoted_outbox`). Returns the rows that
+    landed, the ids of the outbox rows written, and the (order_id, order_timestamp) of the
+    rows inserted whose id the guard already held: a copy of a stored order dated
+    differently (another key of `orders`), which the caller deletes. Of several copies in one
+    statement the first inserted lands. Built from constants only."""
     return f"""
 WITH inserted AS (
     INSERT INTO orders ({_COLUMNS})
     SELECT {_COLUMNS} FROM orders_staging WHERE batch_id = ANY(%(batches)s)
     {order_by}
-    ON CONFLICT (order_id) DO NOTHING
+    ON CONFLICT (order_id, order_timestamp) DO NOTHING
     RETURNING order_id, batch_id, order_timestamp, category, product_id, quantity,
               total_amount_usd
-), {", ".join(f"add_to_{rollup} AS ({_in_key_order(rollup_upsert(rollup, 'inserted'))})"
+), guarded AS (
+    INSERT INTO order_ids (order_id, order_timestamp)
+    SELECT order_id, order_timestamp FROM inserted
+    ON CONFLICT (order_id) DO NOTHING
+    RETURNING order_id, order_timestamp
+), landed AS (
+    SELECT i.* FROM inserted i JOIN guarded g USING (order_id, order_timestamp)
+), {", ".join(f"add_to_{rollup} AS ({_in_key_order(rollup_upsert(rollup, 'landed'))})"
          for rollup in ROLLUPS)}, to_outbox AS (
     INSERT INTO promoted_outbox (batch_id, order_ids)
-    SELECT batch_id, array_agg(order_id) FROM inserted GROUP BY batch_id
+    SELECT batch_id, array_agg(order_id) FROM landed GROUP BY batch_id
     RETURNING outbox_id
+), refused AS (
+    SELECT i.order_id, i.order_timestamp FROM inserted i
+    LEFT JOIN guarded g USING (order_id, order_timestamp) WHERE g.order_id IS NULL
 )
-SELECT (SELECT count(*) FROM inserted), ARRAY(SELECT outbox_id FROM to_outbox)
+SELECT (SELECT count(*) FROM landed), ARRAY(SELECT outbox_id FROM to_outbox),
+       ARRAY(SELECT order_id FROM refused), ARRAY(SELECT order_timestamp FROM refused)
+"""
+# Rows a round inserted whose id was stored already under another timestamp (see above).
+_DELETE_REFUSED = """
+DELETE FROM orders o USING unnest(%s::text[], %s::timestamptz[]) AS r(order_id, order_timestamp)
+WHERE o.order_id = r.order_id AND o.order_timestamp = r.order_timestamp
 """
 
 
@@ -242,9 +267,11 @@ def _promote(conn: psycopg.Connection, batches: list[str], in_id_order: bool
     reprocess first replace the stored orders they recompute. `in_id_order`: insert in
     order_id order (a shard round, beside others)."""
     reprocess_staged(conn, batches)
-    inserted, outbox_ids = conn.execute(
+    inserted, outbox_ids, refused_ids, refused_stamps = conn.execute(
         _INSERT_IN_ID_ORDER if in_id_order else _INSERT_IN_HEAP_ORDER,
         {"batches": batches}).fetchone()
+    if refused_ids:
+        conn.execute(_DELETE_REFUSED, (refused_ids, refused_stamps))
     crash_point("mid_promotion")
     conn.execute("DELETE FROM orders_staging WHERE batch_id = ANY(%s)", (batches,))
     conn.execute("UPDATE ingest_batches SET status = 'promoted', promoted_at = now()"
@@ -301,6 +328,47 @@ def _quarantine(conn: psycopg.Connection, batch_id: str, orders: int, error: str
     return QuarantinedBatch(batch_id, orders, len(payloads), error)
 
 
+# Staged rows per batch, with the UTC months of their earliest and latest order.
+_PRESENT = """
+SELECT batch_id, count(*), min(order_timestamp), max(order_timestamp)
+FROM orders_staging WHERE batch_id = ANY(%s) GROUP BY batch_id
+"""
+_MONTHS_OF = """
+SELECT DISTINCT date_trunc('month', order_timestamp AT TIME ZONE 'UTC')::date
+FROM orders_staging WHERE batch_id = ANY(%s)
+"""
+
+
+class _PartitionsMissing(Exception):
+    """The round's rows need month partitions that do not exist yet (`months`)."""
+
+    def __init__(self, months: list[date]) -> None:
+        super().__init__(f"partitions missing for {months}")
+        self.months = months
+
+
+def _ensure_partitions(conn: psycopg.Connection, batches: list[str],
+                       spans: list[tuple[datetime, datetime]], own_transaction: bool) -> None:
+    """Make sure the month partitions of `orders` that the batches' rows need exist (usually
+    they do: they are created ahead). A batch whose orders span two months or more is asked
+    for its months exactly, so a stray date needs its own month only, never those between.
+
+    Creating a partition locks `orders` until its transaction commits, which would hold up
+    every other round for the length of this one: so when the round owns its transaction it
+    raises _PartitionsMissing instead, and `promote_round` creates them in a short
+    transaction of their own and runs the round again; inside a caller's transaction they
+    are created in place."""
+    months = {month_of(first) for first, last in spans if month_of(first) == month_of(last)}
+    spanning = [b for b, (first, last) in zip(batches, spans, strict=True)
+                if month_of(first) != month_of(last)]
+    if spanning:
+        months |= {row[0] for row in conn.execute(_MONTHS_OF, (spanning,))}
+    missing = missing_months(conn, sorted(months))
+    if missing and own_transaction:
+        raise _PartitionsMissing(missing)
+    ensure_months(conn, missing)
+
+
 def _lock_promotion(conn: psycopg.Connection, shard: int | None) -> None:
     """Inside the round's transaction: PROMOTE_LOCK exclusively (all shards), or shared and
     then the shard's own two-key lock exclusively (see the module docstring)."""
@@ -312,7 +380,7 @@ def _lock_promotion(conn: psycopg.Connection, shard: int | None) -> None:
 
 
 def _round(conn: psycopg.Connection, max_batches: int, payloads_of: PayloadSource | None,
-           shard: int | None) -> PromotionResult:
+           shard: int | None, own_transaction: bool) -> PromotionResult:
     """One round in one transaction (see `promote_round`)."""
     started = time.perf_counter()
     result = PromotionResult()
@@ -322,10 +390,12 @@ def _round(conn: psycopg.Connection, max_batches: int, payloads_of: PayloadSourc
                       else conn.execute(_LEDGER_OF_SHARD, (shard, max_batches)).fetchall())
         if not ledger:
             return result
-        present = dict(conn.execute(
-            "SELECT batch_id, count(*) FROM orders_staging WHERE batch_id = ANY(%s)"
-            " GROUP BY batch_id", (list(ledger),)).fetchall())
-        ready = [b for b, rows in ledger.items() if present.get(b, 0) == rows]
+        present = {batch: (rows, first, last) for batch, rows, first, last in conn.execute(
+            _PRESENT, (list(ledger),)).fetchall()}
+        ready = [b for b, rows in ledger.items() if present.get(b, (0,))[0] == rows]
+        with_rows = [b for b in ready if b in present]
+        _ensure_partitions(conn, with_rows, [present[b][1:] for b in with_rows],
+                           own_transaction)
         result.lost_batches = [b for b in ledger if b not in set(ready)]
         outbox_ids: list[int] = []
         if ready:
@@ -367,15 +437,24 @@ def promote_round(conn: psycopg.Connection, max_batches: int = 400,
     no transaction open, the round is tried again after a short random pause, up to
     TRANSIENT_ATTEMPTS times in all (`retries` counts the extra tries); then, or inside the
     caller's transaction, it propagates. Any other error propagates and nothing of the round
-    is committed. Raises ValueError for a shard out of range.
+    is committed. Month partitions of `orders` that the rows need are created first, in a
+    transaction of their own when `conn` had none open. Raises ValueError for a shard out of
+    range.
     """
     if shard is not None and not 0 <= shard <= MAX_SHARD:
         raise ValueError(f"shard must be 0 to {MAX_SHARD}, not {shard}")
     owns_transaction = conn.info.transaction_status == TransactionStatus.IDLE
     attempt = 1
+    created_partitions = False
     while True:
         try:
-            result = _round(conn, max_batches, payloads_of, shard)
+            result = _round(conn, max_batches, payloads_of, shard,
+                            owns_transaction and not created_partitions)
+        except _PartitionsMissing as missing:  # once; a second time creates in the round
+            with conn.transaction():
+                ensure_months(conn, missing.months)
+            created_partitions = True
+            continue
         except psycopg.Error as exc:
             if (not is_transient(exc) or not owns_transaction
                     or attempt >= TRANSIENT_ATTEMPTS):

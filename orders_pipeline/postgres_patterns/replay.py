@@ -205,7 +205,9 @@ def _of(alias: str) -> str:
 # copy of each id), the latest staged should two replays of it meet in a round. Then the
 # stored rows where a value differs, kept as they were, the new values written, and the
 # rollups moved by the difference: -1 per old row, +1 per new one, in one upsert per rollup
-# (two would touch the same row twice).
+# (two would touch the same row twice). A recomputed timestamp moves the row to its month's
+# partition (created by the round, which ensures the months of every staged row); a trigger
+# of `orders` moves its id guard along (sql/015_partitioned_orders.sql).
 _REPROCESS = f"""
 WITH source AS (
     SELECT DISTINCT ON (s.order_id) s.*

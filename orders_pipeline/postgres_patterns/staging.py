@@ -7,7 +7,9 @@ transaction that first writes the ledger row also archives the batch's raw paylo
 (`archive.archive`), so every batch the ledger knows is archived once.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from enum import StrEnum
 
 import polars as pl
@@ -16,6 +18,8 @@ import psycopg
 from orders_pipeline import contract
 from orders_pipeline.faults import crash_point
 from orders_pipeline.postgres_patterns.archive import RawBatch, archive
+from orders_pipeline.postgres_patterns.partitions import HORIZON_REASON, RETENTION_LOCK
+from orders_pipeline.transform import REJECT_SCHEMA
 
 STAGING_COLUMNS = ("batch_id", "batch_position", *contract.ORDER_COLUMNS)
 _COPY_STAGING = f"COPY orders_staging ({', '.join(STAGING_COLUMNS)}) FROM STDIN (FORMAT csv)"
@@ -44,6 +48,12 @@ ON CONFLICT (batch_id, batch_position) DO NOTHING
 """
 
 
+# The retention lock, shared (see `partitions.RETENTION_LOCK`), and the horizon under it.
+_HORIZON = """
+SELECT pg_advisory_xact_lock_shared(hashtext(%s)), (SELECT horizon FROM orders_retention)
+"""
+
+
 class StageOutcome(StrEnum):
     STAGED = "staged"
     ALREADY_STAGED = "already_staged"
@@ -63,6 +73,29 @@ class StagingBatch:
     duplicates: int
     raw: RawBatch | None = None  # the claimed payloads to archive (None: not archived)
     shard: int = 0
+    # The claimed payloads by batch position: the raw bytes of rows rejected at staging
+    # (dated before the retention horizon). Without them such a row keeps b"" as payload.
+    payloads: Sequence[bytes] = ()
+
+
+def _before_horizon(batch: StagingBatch, horizon: date) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The batch's rows and rejects after rejecting the rows dated before `horizon`
+    (`partitions.HORIZON_REASON`): their months were dropped by retention."""
+    start = datetime(horizon.year, horizon.month, 1, tzinfo=UTC)
+    late = pl.col("order_timestamp") < pl.lit(start, dtype=pl.Datetime("us", "UTC"))
+    expired = batch.rows.filter(late)
+    if not expired.height:
+        return batch.rows, batch.rejects
+    positions = expired["batch_position"].to_list()
+    rejected = pl.DataFrame({
+        "batch_position": positions,
+        "raw_payload": [batch.payloads[p] if p < len(batch.payloads) else b""
+                        for p in positions],
+        "reason": [HORIZON_REASON.format(horizon=horizon.isoformat())] * len(positions),
+        "order_id": expired["order_id"],
+    }, schema=REJECT_SCHEMA)
+    kept = [batch.rejects] if batch.rejects.height else []
+    return batch.rows.filter(~late), pl.concat([*kept, rejected])
 
 
 def rows_to_csv(rows: pl.DataFrame, batch_id: str) -> bytes:
@@ -75,16 +108,22 @@ def rows_to_csv(rows: pl.DataFrame, batch_id: str) -> bytes:
 def stage_batch(conn: psycopg.Connection, batch: StagingBatch) -> StageOutcome:
     """Stage a batch's rows and record its rejects, or recognise it as already done.
 
+    Rows dated before the retention horizon (`partitions.apply_retention`) are rejected here,
+    with `batch.payloads` as their raw bytes, and the ledger counts them as rejects.
+
     The ledger row records `batch.shard` (a batch restaged after a crash takes the shard it
     is staged with now)."""
-    params = {"batch_id": batch.batch_id, "claimed": batch.claimed,
-              "staged": batch.rows.height, "rejected": batch.rejects.height,
-              "duplicates": batch.duplicates, "shard": batch.shard}
     with conn.transaction():
         # No need to wait for the WAL flush: the batch stays in Redis until promotion, and a
         # staged batch whose ledger row a crash took back is handed to the queue again
         # (pipeline.reconcile_batches), like one whose UNLOGGED rows the crash emptied.
         conn.execute("SET LOCAL synchronous_commit = off")
+        horizon = conn.execute(_HORIZON, (RETENTION_LOCK,)).fetchone()[1]
+        rows, rejects = (_before_horizon(batch, horizon) if horizon is not None
+                         else (batch.rows, batch.rejects))
+        params = {"batch_id": batch.batch_id, "claimed": batch.claimed,
+                  "staged": rows.height, "rejected": rejects.height,
+                  "duplicates": batch.duplicates, "shard": batch.shard}
         status, inserted = conn.execute(_CLAIM_LEDGER, params).fetchone()
         if not inserted:
             if status == "promoted":
@@ -94,15 +133,15 @@ def stage_batch(conn: psycopg.Connection, batch: StagingBatch) -> StageOutcome:
             conn.execute(_RESTAGE_LEDGER, params)  # 'lost': a crash emptied staging
         elif batch.raw is not None:
             archive(conn, batch.batch_id, batch.raw)
-        if batch.rows.height:
-            data = rows_to_csv(batch.rows, batch.batch_id)
+        if rows.height:
+            data = rows_to_csv(rows, batch.batch_id)
             middle = len(data) // 2
             with conn.cursor().copy(_COPY_STAGING) as copy:
                 copy.write(data[:middle])
                 crash_point("mid_copy")
                 copy.write(data[middle:])
-        if batch.rejects.height:
-            r = batch.rejects
+        if rejects.height:
+            r = rejects
             conn.execute(_INSERT_REJECTS, (
                 batch.batch_id, r["batch_position"].to_list(), r["raw_payload"].to_list(),
                 r["reason"].to_list(), r["order_id"].to_list()))

@@ -89,17 +89,21 @@ class _Shape:
         """SQL: the UTC month (first day, a date) of the time key (sql/080's function)."""
         return sql.SQL("view_slice_month({})").format(sql.Identifier(self.time_key))
 
+    def _start(self, month: date) -> sql.Composable:
+        """SQL literal: the first instant (or day) of `month`, in the time key's type."""
+        return sql.Literal(datetime(month.year, month.month, 1, tzinfo=UTC)
+                           if self.timestamped else month)
+
     def in_month(self, month: date) -> sql.Composable:
         """SQL: the time key lies in `month` (a range, so an index on the key serves it)."""
-        following = _next_month(month)
-        if self.timestamped:
-            low: date = datetime(month.year, month.month, 1, tzinfo=UTC)
-            high: date = datetime(following.year, following.month, 1, tzinfo=UTC)
-        else:
-            low, high = month, following
-        key = sql.Identifier(self.time_key)
         return sql.SQL("{key} >= {low} AND {key} < {high}").format(
-            key=key, low=sql.Literal(low), high=sql.Literal(high))
+            key=sql.Identifier(self.time_key), low=self._start(month),
+            high=self._start(_next_month(month)))
+
+    def before(self, month: date) -> sql.Composable:
+        """SQL: the time key lies before `month`."""
+        return sql.SQL("{key} < {low}").format(key=sql.Identifier(self.time_key),
+                                               low=self._start(month))
 
 
 SHAPES = {
@@ -296,9 +300,10 @@ def _create_slice(conn: psycopg.Connection, view: str, month: date) -> SliceRefr
     return SliceRefresh(view, month, relation, time.perf_counter() - started, True, len(marks))
 
 
-def _repoint(conn: psycopg.Connection, view: str) -> None:
+def _repoint(conn: psycopg.Connection, view: str, *, emptied: bool = False) -> None:
     """Point the dashboard view `view` at every month view listed for it (and drop the
-    whole-history view a migration left, which they now replace).
+    whole-history view a migration left, which they now replace). With none listed, nothing
+    changes, unless `emptied` (retention dropped every month): then the view reads no rows.
 
     Each attempt waits at most REPOINT_LOCK_TIMEOUT for the view's lock; raises
     `psycopg.errors.LockNotAvailable` after REPOINT_ATTEMPTS attempts.
@@ -311,13 +316,16 @@ def _repoint(conn: psycopg.Connection, view: str) -> None:
                 months = [row[0] for row in conn.execute(
                     "SELECT month FROM view_slices WHERE view_name = %s ORDER BY month",
                     (view,))]
-                if not months:
+                if not months and not emptied:
                     return
+                # No month left (retention dropped them all): the view reads no rows.
                 branches = sql.SQL(" UNION ALL ").join(
                     sql.SQL("SELECT {columns} FROM {relation}").format(
                         columns=shape.columns,
                         relation=sql.Identifier(month_relation(view, month)))
-                    for month in months)
+                    for month in months) if months else sql.SQL(
+                        "SELECT {columns} FROM {rollup} WHERE false").format(
+                            columns=shape.columns, rollup=sql.Identifier(shape.rollup))
                 previous = conn.execute(
                     "SELECT current_setting('lock_timeout'),"
                     " set_config('lock_timeout', %s, true)", (REPOINT_LOCK_TIMEOUT,)).fetchone()[0]
@@ -333,6 +341,37 @@ def _repoint(conn: psycopg.Connection, view: str) -> None:
             if attempt == REPOINT_ATTEMPTS:
                 raise
             time.sleep(_REPOINT_PAUSE_SECONDS * attempt ** 0.5)
+
+
+def drop_slices_before(conn: psycopg.Connection, horizon: date) -> list[str]:
+    """Inside the caller's transaction (retention, `postgres_patterns.partitions`): forget
+    every month before `horizon` (a validated first of a month) in both views: their month
+    views are taken out of the dashboard views and dropped, their rollup rows deleted and
+    their stale marks cleared. Returns the month views dropped, by view and month.
+
+    Takes PROMOTE_LOCK exclusively (no promotion adds to those rollup rows meanwhile) and
+    each view's refresh lock exclusively (no refresh of a month being dropped)."""
+    horizon = validated_month(horizon)
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
+    dropped: list[str] = []
+    for view in VIEWS:
+        shape = _view(view)
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{_REFRESH_LOCK}:{view}",))
+        conn.execute(sql.SQL("DELETE FROM {rollup} WHERE {before}").format(
+            rollup=sql.Identifier(shape.rollup), before=shape.before(horizon)))
+        conn.execute("DELETE FROM view_slices_stale WHERE view_name = %s AND month < %s",
+                     (view, horizon))
+        relations = [row[0] for row in conn.execute(
+            "WITH gone AS (DELETE FROM view_slices WHERE view_name = %s AND month < %s"
+            " RETURNING relation_name, month) SELECT relation_name FROM gone ORDER BY month",
+            (view, horizon))]
+        if relations:
+            _repoint(conn, view, emptied=True)
+            for relation in relations:
+                conn.execute(sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(
+                    sql.Identifier(relation)))
+        dropped += relations
+    return dropped
 
 
 def _months_ahead() -> list[date]:

@@ -54,24 +54,7 @@ CREATE UNLOGGED TABLE IF NOT EXISTS orders_staging (
     staged_at        timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE TABLE IF NOT EXISTS orders (
-    order_id         text PRIMARY KEY,
-    customer_id      bigint NOT NULL,
-    product_id       text NOT NULL,
-    quantity         integer NOT NULL CHECK (quantity > 0),
-    unit_price       numeric(18, 4) NOT NULL CHECK (unit_price >= 0),
-    currency         text NOT NULL,
-    zip_code         text NOT NULL,
-    order_timestamp  timestamptz NOT NULL,
-    total_amount     numeric(24, 4) NOT NULL,
-    total_amount_usd numeric(22, 2) NOT NULL,
-    category         text NOT NULL,
-    region           text NOT NULL,
-    shipping_zone    smallint NOT NULL,
-    batch_id         text NOT NULL,
-    promoted_at      timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS orders_order_timestamp_idx ON orders (order_timestamp);
+-- `orders` (partitioned by month) and its id guard `order_ids`: 015_partitioned_orders.sql.
 
 -- Every rejected payload, byte for byte, with the reason. (batch_id, batch_position) makes a
 -- retried batch write its rejects once.

@@ -1,0 +1,189 @@
+"""Month partitions of `orders`: created ahead, and dropped by retention (issue 10, item 1).
+
+`orders` is partitioned by the UTC month of `order_timestamp` (sql/015_partitioned_orders.sql,
+partitions `orders_pYYYYMM`); `order_ids` keeps each order id stored once across them. The
+partitions a promotion needs are created by the promotion itself (`ensure_months`), init-db
+creates the current month and the next three, and `ensure_ahead` (called by the
+`promoted_orders` asset) keeps PARTITIONS_AHEAD months ready, so the hot path rarely creates
+one (creating a partition locks `orders` until its transaction commits).
+
+Retention (`apply_retention`, CLI `orders-pipeline retention`) drops every month before a
+horizon in one transaction: the partitions, their ids in `order_ids`, the rollup rows and the
+month views of both dashboard views, and records the horizon, under which staging rejects
+orders dated before it (`retention_horizon`, `staging.stage_batch`). Ids of dropped orders are
+forgotten with them: a copy of one that arrives later is rejected if it is dated before the
+horizon, and stored again if it is dated after it.
+"""
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+import psycopg
+from psycopg import sql
+
+from orders_pipeline.postgres_patterns.views import (
+    PROMOTE_LOCK,
+    drop_slices_before,
+    validated_month,
+)
+
+PARTITIONS_AHEAD = 3
+# Retention against staging: staging holds it shared while it checks the horizon, retention
+# exclusively while it moves the horizon (so no batch is staged under the old horizon after
+# retention looked at staging).
+RETENTION_LOCK = "orders_pipeline.retention"
+HORIZON_REASON = ("order_timestamp is before the retention horizon {horizon} (months before "
+                  "it were dropped by `orders-pipeline retention`)")
+
+
+class RetentionRefused(ValueError):
+    """Retention cannot run now or with these arguments; the text says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One month partition of `orders`: its relation name, month (first day, UTC), rows
+    (planner estimate, from `pg_class.reltuples`; -1 before the first ANALYZE) and bytes
+    (heap + indexes + TOAST)."""
+    name: str
+    month: date
+    estimated_rows: int
+    total_bytes: int
+
+
+@dataclass
+class RetentionResult:
+    """What retention dropped (or, with dry_run, would drop): the horizon, the partitions by
+    name, the orders in them, the ids removed from `order_ids`, the month views dropped."""
+    horizon: date
+    dry_run: bool
+    partitions: list[str] = field(default_factory=list)
+    orders: int = 0
+    ids: int = 0
+    view_slices: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"horizon": self.horizon.isoformat(), "dry_run": self.dry_run,
+                "partitions": self.partitions, "orders": self.orders, "ids": self.ids,
+                "view_slices": self.view_slices}
+
+
+def month_of(instant: datetime | date) -> date:
+    """The first day of the UTC month of `instant` (a date stands for itself)."""
+    if isinstance(instant, datetime):
+        instant = instant.astimezone(UTC).date()
+    return date(instant.year, instant.month, 1)
+
+
+def horizon_keeping(months: int, now: datetime | None = None) -> date:
+    """The retention horizon that keeps the current UTC month (of `now`, default now) and the
+    `months` - 1 before it; ValueError if `months` < 1."""
+    if months < 1:
+        raise ValueError(f"months to keep must be at least 1, not {months}")
+    this = month_of(now or datetime.now(UTC))
+    index = this.year * 12 + this.month - 1 - (months - 1)
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def orders_partition_name(month: date) -> str:
+    """The partition of `orders` for `month` (any day of it), e.g. `orders_p202611` (the same
+    rule as the SQL function of that name)."""
+    return f"orders_p{month.year:04d}{month.month:02d}"
+
+
+def ensure_months(conn: psycopg.Connection, months: list[date]) -> int:
+    """Create the partitions missing for `months` (any day stands for its month; months
+    before the retention horizon are skipped), inside the caller's transaction or its own;
+    returns how many were created."""
+    if not months:
+        return 0
+    return int(conn.execute("SELECT orders_ensure_months(%s::date[])",
+                            (sorted(set(months)),)).fetchone()[0])
+
+
+def missing_months(conn: psycopg.Connection, months: list[date]) -> list[date]:
+    """Of `months` (firsts of months), those without a partition and not before the
+    retention horizon, ascending; takes no lock."""
+    if not months:
+        return []
+    return [row[0] for row in conn.execute(
+        "SELECT m FROM unnest(%s::date[]) AS m"
+        " WHERE to_regclass(quote_ident(orders_partition_name(m))) IS NULL"
+        " AND m >= coalesce((SELECT horizon FROM orders_retention), '-infinity'::date)"
+        " ORDER BY m", (sorted(set(months)),))]
+
+
+def ensure_ahead(conn: psycopg.Connection, months_ahead: int = PARTITIONS_AHEAD) -> int:
+    """Create the partitions of this UTC month and the `months_ahead` after it; committed
+    here. Returns how many were created."""
+    this = month_of(datetime.now(UTC))
+    months = [date(this.year + (this.month - 1 + n) // 12, (this.month - 1 + n) % 12 + 1, 1)
+              for n in range(months_ahead + 1)]
+    with conn.transaction():
+        return ensure_months(conn, months)
+
+
+def partitions(conn: psycopg.Connection) -> list[Partition]:
+    """The month partitions of `orders`, oldest first."""
+    rows = conn.execute(
+        "SELECT c.relname, c.reltuples::bigint, pg_total_relation_size(c.oid)"
+        " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'orders'::regclass ORDER BY c.relname").fetchall()
+    return [Partition(name, date(int(name[-6:-2]), int(name[-2:]), 1), int(estimate),
+                      int(size)) for name, estimate, size in rows]
+
+
+def retention_horizon(conn: psycopg.Connection) -> date | None:
+    """The retention horizon (first day of a UTC month), or None if retention never ran."""
+    row = conn.execute("SELECT horizon FROM orders_retention").fetchone()
+    return None if row is None else row[0]
+
+
+def apply_retention(conn: psycopg.Connection, horizon: date, *,
+                    dry_run: bool = False) -> RetentionResult:
+    """Drop every month before `horizon` (the first day of a month) from `orders`,
+    `order_ids`, the rollups and the dashboard views, in one transaction committed here
+    (rolled back with `dry_run`, which reports what it would drop).
+
+    Raises RetentionRefused if `horizon` is not the first of a month, lies after the current
+    UTC month (it would drop orders still arriving), or staged orders dated before it wait
+    for promotion (promote them first: they would land in a month being dropped). Holds
+    PROMOTE_LOCK and RETENTION_LOCK exclusively while it runs: promotion and staging wait.
+    """
+    try:
+        horizon = validated_month(horizon)
+    except ValueError as exc:
+        raise RetentionRefused(f"retention horizon {horizon}: {exc}") from None
+    if horizon > month_of(datetime.now(UTC)):
+        raise RetentionRefused(
+            f"retention horizon {horizon} lies after the current month: it would drop orders "
+            "still arriving; give this month or an earlier one")
+    result = RetentionResult(horizon, dry_run)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (RETENTION_LOCK,))
+        waiting = conn.execute("SELECT count(*) FROM orders_staging WHERE order_timestamp < %s",
+                               (datetime(horizon.year, horizon.month, 1, tzinfo=UTC),)
+                               ).fetchone()[0]
+        if waiting:
+            raise RetentionRefused(
+                f"{waiting} staged orders are dated before {horizon} and wait for promotion; "
+                "run `orders-pipeline promote`, then retention again")
+        doomed = [p for p in partitions(conn) if p.month < horizon]
+        for partition in doomed:
+            relation = sql.Identifier(partition.name)
+            result.orders += int(conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()[0])
+            result.ids += conn.execute(
+                sql.SQL("DELETE FROM order_ids g USING {} p WHERE g.order_id = p.order_id"
+                        " AND g.order_timestamp = p.order_timestamp").format(relation)).rowcount
+            conn.execute(sql.SQL("DROP TABLE {}").format(relation))
+            result.partitions.append(partition.name)
+        result.view_slices = drop_slices_before(conn, horizon)
+        conn.execute(
+            "INSERT INTO orders_retention (horizon) VALUES (%s) ON CONFLICT (singleton)"
+            " DO UPDATE SET horizon = greatest(orders_retention.horizon, EXCLUDED.horizon),"
+            " applied_at = now()", (horizon,))
+        if dry_run:
+            raise psycopg.Rollback()  # leaves the block, rolled back; nothing raised
+    return result

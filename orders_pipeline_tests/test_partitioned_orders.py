@@ -1,0 +1,294 @@
+"""`orders` partitioned by month (issue 10, item 1): an order id is stored at most once across
+the partitions, however late its copy comes and whatever its timestamp; partitions are made
+for exactly the months that have orders; retention drops whole months from `orders`, the id
+guard, the rollups and the views consistently; an old unpartitioned table migrates."""
+
+import json
+from datetime import UTC, date, datetime, timedelta
+
+import dagster as dg
+import psycopg
+import pytest
+import redis
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from psycopg import sql
+
+from orders_pipeline import pipeline
+from orders_pipeline.assets.retention import retention_job
+from orders_pipeline.postgres_patterns import partitions
+from orders_pipeline.postgres_patterns.partitions import (
+    HORIZON_REASON,
+    RetentionRefused,
+    apply_retention,
+    month_of,
+)
+from orders_pipeline.postgres_patterns.promotion import promote_round
+from orders_pipeline.postgres_patterns.schema import apply_schema, sql_files
+from orders_pipeline.postgres_patterns.views import VIEWS, refresh_views, slices
+from orders_pipeline.redis_patterns.dedup import DedupWindow
+from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.settings import Settings
+from orders_pipeline_tests.helpers import pipeline_env, resources_for
+from orders_pipeline_tests.test_cli import run as cli
+from orders_pipeline_tests.test_parallel_promotion import (
+    SHARDS,
+    START,
+    TABLES,
+    Catalog,
+    Copy,
+    Promoter,
+    assert_books_balance,
+    assert_first_copies_landed,
+    catalog,  # noqa: F401  (fixture)
+    connections,  # noqa: F401  (fixture)
+    in_parallel,
+    stage_all,
+    stored,
+)
+from orders_pipeline_tests.test_view_slices import _month_orders, _promote, _stage, assert_exact
+
+DAY = 24 * 60  # minutes
+
+
+def partition_months(pg: psycopg.Connection) -> set[date]:
+    return {p.month for p in partitions.partitions(pg)}
+
+
+def guard(pg: psycopg.Connection) -> dict[str, datetime]:
+    return dict(pg.execute("SELECT order_id, order_timestamp FROM order_ids").fetchall())
+
+
+def assert_guard_matches_orders(pg: psycopg.Connection) -> None:
+    """`order_ids` holds exactly the (id, timestamp) of every stored order."""
+    rows = dict(pg.execute("SELECT order_id, order_timestamp FROM orders").fetchall())
+    assert guard(pg) == rows
+
+
+def test_late_copy_dated_in_another_month_is_not_stored_again(
+        pg: psycopg.Connection, catalog: Catalog) -> None:  # noqa: F811
+    stage_all(pg, catalog, [("first", 0, [Copy("o1", 1, 0, 1, 500, 0),
+                                          Copy("o2", 2, 1, 2, 700, 10)])])
+    assert promote_round(pg).inserted_rows == 2
+    # Two months later, copies of o1 (another timestamp) and of o2 (the same one), and o3.
+    later = 62 * DAY
+    stage_all(pg, catalog, [("late", 0, [Copy("o1", 11, 0, 5, 900, later),
+                                         Copy("o2", 12, 1, 2, 700, 10),
+                                         Copy("o3", 13, 2, 1, 100, later)])])
+
+    result = promote_round(pg)
+
+    assert (result.staged_rows, result.inserted_rows) == (3, 1)
+    assert stored(pg) == {"o1": (1, "first"), "o2": (2, "first"), "o3": (13, "late")}
+    assert guard(pg)["o1"] == START
+    assert_guard_matches_orders(pg)
+    assert month_of(START + timedelta(minutes=later)) in partition_months(pg)
+    listed = [r[0] for r in pg.execute("SELECT unnest(order_ids) FROM promoted_outbox")]
+    assert sorted(listed) == ["o1", "o2", "o3"]
+
+
+def test_two_copies_in_one_round_in_different_months_store_the_first(
+        pg: psycopg.Connection, catalog: Catalog) -> None:  # noqa: F811
+    stage_all(pg, catalog, [("a", 0, [Copy("x", 1, 0, 1, 500, 40 * DAY)]),
+                            ("b", 0, [Copy("x", 2, 0, 1, 500, 0), Copy("y", 3, 0, 1, 5, 0)])])
+    result = promote_round(pg)
+    assert (result.staged_rows, result.inserted_rows) == (3, 2)
+    assert stored(pg) == {"x": (1, "a"), "y": (3, "b")}
+    assert_guard_matches_orders(pg)
+
+
+def test_partitions_are_made_for_the_months_with_orders_only(
+        pg: psycopg.Connection, catalog: Catalog) -> None:  # noqa: F811
+    ahead = partition_months(pg)  # init-db: this month and three after it
+    this = month_of(datetime.now(UTC))
+    assert this in ahead and len(ahead) == 4
+    far = 3 * 365 * DAY  # one stray order three years later in the same batch
+    stage_all(pg, catalog, [("b", 0, [Copy("o1", 1, 0, 1, 500, 0),
+                                      Copy("o2", 2, 0, 1, 500, far)])])
+    assert promote_round(pg).inserted_rows == 2
+    made = partition_months(pg) - ahead
+    assert made == {month_of(START), month_of(START + timedelta(minutes=far))} - ahead
+
+
+@hypothesis_settings(max_examples=25, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(example=st.tuples(
+    st.lists(st.tuples(st.integers(0, SHARDS - 1),
+                       st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 400)),
+                                min_size=1, max_size=6)),
+             min_size=1, max_size=6),
+    st.integers(1, 3)))
+def test_any_copies_over_any_months_store_each_id_once(
+        pg: psycopg.Connection, catalog: Catalog,  # noqa: F811
+        connections: dict[Promoter, psycopg.Connection],  # noqa: F811
+        example: tuple[list[tuple[int, list[tuple[str, int]]]], int]) -> None:
+    """Copies of a few ids dated over 400 days, in batches of random shards, promoted by
+    parallel shard promoters and an all-shards one: every id stored once, with the values
+    of the first copy of one shard that carries it; guard, rollups and outbox agree."""
+    batches, max_batches = example
+    pg.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(map(sql.Identifier, TABLES))))
+    customer = iter(range(1, 10_000))
+    staged = stage_all(pg, catalog, [
+        (f"b{n}.s{shard}", shard, [Copy(i, next(customer), 0, 1, 100, days * DAY)
+                                   for i, days in copies])
+        for n, (shard, copies) in enumerate(batches)])
+
+    results = in_parallel(connections, max_batches)
+
+    assert_first_copies_landed(pg, staged)
+    assert_books_balance(pg, staged, list(results.values()))
+    assert_guard_matches_orders(pg)
+
+
+# --- retention ----------------------------------------------------------------------------
+
+
+def _months_back(n: int) -> date:
+    this = month_of(datetime.now(UTC))
+    months = this.year * 12 + this.month - 1 - n
+    return date(months // 12, months % 12 + 1, 1)
+
+
+def test_retention_drops_whole_months_everywhere_and_rejects_later_copies(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
+        loaded_cache: LookupCache, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    months = [_months_back(n) for n in (5, 4, 3, 1, 0)]
+    payloads = _month_orders(pg, dict.fromkeys(months, 30), seed=7)
+    _promote(settings, rconn, payloads)
+    refresh_views(pg)
+    horizon = months[3]
+    dropped_ids = {json.loads(p)["order_id"] for p in payloads[:90]}  # the three old months
+    before = pg.execute("SELECT count(*) FROM orders").fetchone()[0]
+
+    preview = apply_retention(pg, horizon, dry_run=True)
+    assert (preview.orders, preview.ids, preview.dry_run) == (90, 90, True)
+    assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == before
+    assert partitions.retention_horizon(pg) is None
+
+    for name, value in pipeline_env(settings).items():
+        monkeypatch.setenv(name, value)
+    code, out, _ = cli(capsys, "retention", "--before", f"{horizon:%Y-%m}")
+    assert code == 0, out
+    assert out.startswith(f"retention before {horizon:%Y-%m}: dropped 3 month partitions "
+                          "(90 orders, 90 ids) and 6 month views")
+
+    assert partitions.retention_horizon(pg) == horizon
+    assert min(partition_months(pg)) == horizon
+    assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == before - 90
+    assert not dropped_ids & set(guard(pg))
+    assert_guard_matches_orders(pg)
+    assert all(s.month >= horizon for view in VIEWS for s in slices(pg, view))
+    assert_exact(pg)
+
+    # A late copy of a dropped order dated before the horizon is rejected with the reason,
+    # byte for byte; one dated after it is a new order again (its id was forgotten). The
+    # dedup window, which would drop both as copies, is cleared first.
+    old = json.loads(payloads[0])
+    late = json.dumps(old).encode()
+    again = json.dumps({**old, "order_timestamp": f"{horizon:%Y-%m}-02T00:00:00Z"}).encode()
+    dedup = DedupWindow(rconn, RedisKeys.of(settings.redis), 3600)
+    dedup.clear()
+    _stage(settings, rconn, [late])
+    reason = HORIZON_REASON.format(horizon=horizon.isoformat())
+    assert pg.execute("SELECT batch_position, raw_payload, order_id FROM orders_rejected"
+                      " WHERE reason = %s", (reason,)).fetchall() == [(0, late, old["order_id"])]
+    dedup.clear()
+    _stage(settings, rconn, [again])
+    assert pipeline.promote_staged(settings).inserted_rows == 1
+    assert guard(pg)[old["order_id"]] == datetime(horizon.year, horizon.month, 2, tzinfo=UTC)
+    assert_guard_matches_orders(pg)
+    refresh_views(pg)
+    assert_exact(pg)
+
+
+def test_retention_refuses_while_older_orders_wait_and_for_a_future_horizon(
+        settings: Settings, pg: psycopg.Connection, catalog: Catalog,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    stage_all(pg, catalog, [("waiting", 0, [Copy("o1", 1, 0, 1, 500, 0)])])  # START: 2030
+    with pytest.raises(RetentionRefused, match="lies after the current month"):
+        apply_retention(pg, date(2099, 1, 1))
+    horizon = month_of(datetime.now(UTC))
+    pg.execute("UPDATE orders_staging SET order_timestamp = %s",
+               (datetime(horizon.year, horizon.month, 1, tzinfo=UTC) - timedelta(days=40),))
+    pg.commit()
+    with pytest.raises(RetentionRefused, match="1 staged orders are dated before"):
+        apply_retention(pg, horizon)
+    assert partitions.retention_horizon(pg) is None
+
+    for name, value in pipeline_env(settings).items():
+        monkeypatch.setenv(name, value)
+    for argv, fragment in [
+            (["retention"], "give exactly one of --before YYYY-MM and --keep-months N"),
+            (["retention", "--before", "2024-13"], "is not a month as YYYY-MM"),
+            (["retention", "--keep-months", "0"], "0 is not in the range x>=1"),
+            (["retention", "--keep-months", "1"], "1 staged orders are dated before")]:
+        code, _, err = cli(capsys, *argv)
+        [line] = err.strip().splitlines()  # usage errors name the subcommand
+        assert code != 0 and line.startswith("orders-pipeline") and fragment in line, argv
+
+
+def test_an_unpartitioned_orders_table_migrates_with_its_ids(
+        pg: psycopg.Connection) -> None:
+    """A database from before issue 10: `orders` a plain table keyed by order_id."""
+    pg.execute("DROP TABLE orders, order_ids CASCADE")  # and the view over orders
+    pg.execute("""
+        CREATE TABLE orders (
+            order_id text PRIMARY KEY, customer_id bigint NOT NULL, product_id text NOT NULL,
+            quantity integer NOT NULL, unit_price numeric(18, 4) NOT NULL,
+            currency text NOT NULL, zip_code text NOT NULL,
+            order_timestamp timestamptz NOT NULL, total_amount numeric(24, 4) NOT NULL,
+            total_amount_usd numeric(22, 2) NOT NULL, category text NOT NULL,
+            region text NOT NULL, shipping_zone smallint NOT NULL, batch_id text NOT NULL,
+            promoted_at timestamptz NOT NULL DEFAULT now())""")
+    pg.execute("CREATE INDEX orders_order_timestamp_idx ON orders (order_timestamp)")
+    [redrive_ddl] = [f for f in sql_files() if f.name == "040_redrive.sql"]
+    pg.execute(redrive_ddl.read_text(encoding="utf-8"))  # its view over the old table
+    stamps = [datetime(2021, 1, 5, tzinfo=UTC), datetime(2021, 1, 31, 23, 59, tzinfo=UTC),
+              datetime(2024, 7, 1, tzinfo=UTC)]
+    for n, stamp in enumerate(stamps):
+        pg.execute("INSERT INTO orders VALUES (%s, 1, 'P000001', 1, 1, 'USD', '00501', %s, 1,"
+                   " 1, 'Books', 'Northeast', 1, 'old')", (f"o{n}", stamp))
+    pg.commit()
+
+    apply_schema(pg)
+    apply_schema(pg)  # and again: nothing changes
+
+    assert pg.execute("SELECT relkind::text FROM pg_class WHERE oid = 'orders'::regclass"
+                      ).fetchone()[0] == "p"
+    assert guard(pg) == {f"o{n}": stamp for n, stamp in enumerate(stamps)}
+    assert_guard_matches_orders(pg)
+    assert {date(2021, 1, 1), date(2024, 7, 1)} <= partition_months(pg)
+    assert pg.execute("SELECT to_regclass('orders_unpartitioned')").fetchone()[0] is None
+
+
+def test_retention_job_reports_and_refuses_without_retries(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
+        loaded_cache: LookupCache) -> None:
+    months = [_months_back(n) for n in (2, 0)]
+    _promote(settings, rconn, _month_orders(pg, dict.fromkeys(months, 20), seed=3))
+
+    def run(config: dict[str, object]) -> dg.ExecuteInProcessResult:
+        return retention_job.execute_in_process(
+            run_config={"ops": {"drop_months": {"config": config}}},
+            resources=resources_for(settings), instance=dg.DagsterInstance.ephemeral(),
+            raise_on_error=False)
+
+    done = run({"keep_months": 2})
+    assert done.success
+    [output] = [e for e in done.events_for_node("drop_months") if e.is_successful_output]
+    metadata = {k: v.value for k, v in output.step_output_data.metadata.items()}
+    assert (metadata["horizon"], metadata["orders"], metadata["ids"], metadata["dry_run"]) == (
+        _months_back(1).isoformat(), 20, 20, False)
+    assert metadata["partitions"] == [partitions.orders_partition_name(months[0])]
+    assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 20
+
+    for config, fragment in [({"before": "2999-01"}, "lies after the current month"),
+                             ({}, "give exactly one of keep_months and before")]:
+        refused = run(config)
+        assert not refused.success
+        [failure] = [e for e in refused.all_events if e.is_step_failure]
+        assert fragment in failure.step_failure_data.error.message
+        assert not [e for e in refused.all_events if e.is_step_up_for_retry]
