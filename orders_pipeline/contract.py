@@ -130,12 +130,19 @@ UNKNOWN_REFERENCE = "unknown {field}: {value}"  # product_id, currency, zip_code
 # A plain decimal literal (sign, digits, optional fraction); exponent forms are turned into
 # this by the strict parser before the rules see them.
 PLAIN_DECIMAL = r"^(-?)([0-9]+)(?:\.([0-9]+))?$"
+# Exactly the plain decimals the price rules accept: at most UNIT_PRICE_INT_DIGITS digits
+# after leading zeros, at most UNIT_PRICE_SCALE before trailing zeros, a minus sign only on
+# zero. One pattern, so that a row's price is checked in one pass (`_price_reason` says why
+# the others break a rule).
+PRICE_WITHIN_RULES = (rf"^(?:0*[0-9]{{1,{UNIT_PRICE_INT_DIGITS}}}"
+                      rf"(?:\.[0-9]{{1,{UNIT_PRICE_SCALE}}}0*)?|-0+(?:\.0+)?)$")
 # DESIGN.md "Value rules": YYYY-MM-DDTHH:MM[:SS[(.|,)fraction]] then Z, ±HH:MM, ±HHMM, ±HH.
 TIMESTAMP = (r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2})"
              r"(?::([0-9]{2})(?:[.,]([0-9]{1,9}))?)?"
              r"(?:(Z)|([+-])([0-9]{2})(?::?([0-9]{2}))?)$")
 _TS_GROUPS = ("year", "month", "day", "hour", "minute", "second", "fraction", "zulu",
               "sign", "off_hour", "off_minute")
+_TS_TEXT_GROUPS = ("fraction", "zulu", "sign")
 CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f]"
 EDGE_WHITESPACE = r"^\s|\s$"  # Unicode White_Space
 
@@ -155,13 +162,15 @@ def _order_id_reason() -> pl.Expr:
     )
 
 
-def _price_parts() -> list[pl.Expr]:
+def _price_parts() -> pl.Expr:
+    """The literal's sign, integer digits without leading zeros and fraction digits without
+    trailing zeros, as struct fields `_p_sign`, `_p_int`, `_p_frac` (all null if not plain)."""
     literal = pl.col("unit_price").str.extract_groups(PLAIN_DECIMAL)
-    return [
+    return pl.struct(
         literal.struct.field("1").alias("_p_sign"),
         literal.struct.field("2").str.strip_chars_start("0").alias("_p_int"),
         literal.struct.field("3").fill_null("").str.strip_chars_end("0").alias("_p_frac"),
-    ]
+    ).alias("_p")
 
 
 def _price_reason() -> pl.Expr:
@@ -176,19 +185,16 @@ def _price_reason() -> pl.Expr:
     )
 
 
-def _price_value() -> pl.Expr:
-    """Exact numeric(18,4) from the checked literal parts (only meaningful where valid)."""
-    text = pl.concat_str(pl.col("_p_int").replace("", "0"), pl.lit("."),
-                         pl.col("_p_frac").str.pad_end(UNIT_PRICE_SCALE, "0"))
-    return text.cast(pl.Decimal(18, UNIT_PRICE_SCALE), strict=False)
+_TS_PARTS = pl.Struct({f"_t_{name}": pl.String if name in _TS_TEXT_GROUPS else pl.Int64
+                       for name in _TS_GROUPS})
 
 
-def _timestamp_parts(field: str = "order_timestamp") -> list[pl.Expr]:
-    groups = pl.col(field).str.extract_groups(TIMESTAMP)
-    parts = [groups.struct.field(str(i + 1)).alias(f"_t_{name}")
-             for i, name in enumerate(_TS_GROUPS)]
-    return [p if name in ("fraction", "zulu", "sign") else p.cast(pl.Int64)
-            for p, name in zip(parts, _TS_GROUPS, strict=True)]
+def _with_timestamp_parts(frame: pl.DataFrame, field: str) -> pl.DataFrame:
+    """`frame` plus the grammar's groups of `field` as columns `_t_<group>` (null where the
+    text does not match), Int64 but for the fraction, zulu and sign texts."""
+    groups = pl.col(field).str.extract_groups(TIMESTAMP).struct.rename_fields(
+        list(_TS_PARTS.to_schema())).cast(_TS_PARTS)
+    return frame.with_columns(groups.alias("_t")).unnest("_t")
 
 
 def _days_in_month() -> pl.Expr:
@@ -198,18 +204,21 @@ def _days_in_month() -> pl.Expr:
             .when(month.is_in([4, 6, 9, 11])).then(30).otherwise(31))
 
 
-def _timestamp_reason(field: str = "order_timestamp") -> pl.Expr:
-    bad_format, bad_range, bad_year = (r.format(field=field) for r in _TIMESTAMP_REASONS)
+def _timestamp_checks() -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """(no match, a field out of range, year out of range) over the `_t_*` columns, in the
+    order the reasons are given; each true where that part of the rule is broken."""
     t = {name: pl.col(f"_t_{name}") for name in _TS_GROUPS}
     out_of_range = ((t["month"] < 1) | (t["month"] > 12) | (t["day"] < 1)
                     | (t["day"] > _days_in_month()) | (t["hour"] > 23) | (t["minute"] > 59)
                     | (t["second"].fill_null(0) > 59) | (t["off_hour"].fill_null(0) > 23)
                     | (t["off_minute"].fill_null(0) > 59))
-    return _first(
-        pl.when(t["year"].is_null()).then(pl.lit(bad_format)),
-        pl.when(out_of_range).then(pl.lit(bad_range)),
-        pl.when(~t["year"].is_between(YEAR_MIN, YEAR_MAX)).then(pl.lit(bad_year)),
-    )
+    return t["year"].is_null(), out_of_range, ~t["year"].is_between(YEAR_MIN, YEAR_MAX)
+
+
+def _timestamp_reason(field: str = "order_timestamp") -> pl.Expr:
+    reasons = (r.format(field=field) for r in _TIMESTAMP_REASONS)
+    return _first(*(pl.when(broken).then(pl.lit(reason))
+                    for broken, reason in zip(_timestamp_checks(), reasons, strict=True)))
 
 
 def timestamp_reason(text: str, field: str) -> str | None:
@@ -218,43 +227,13 @@ def timestamp_reason(text: str, field: str) -> str | None:
     The same expressions as the orders' rule, for one value (e.g. a signal's `published_at`).
     """
     frame = pl.DataFrame({field: [text]}, schema={field: pl.String})
-    return frame.with_columns(*_timestamp_parts(field)).select(
-        _timestamp_reason(field)).item()
+    return _with_timestamp_parts(frame, field).select(_timestamp_reason(field)).item()
 
 
-def _timestamp_value() -> pl.Expr:
-    """The instant in UTC, microseconds; finer fractions round half to even, as Postgres does.
-
-    Days since 1970-01-01 come from the civil-from-days algorithm (H. Hinnant), so no
-    Polars date constructor ever meets an out-of-range field.
-    """
-    t = {name: pl.col(f"_t_{name}") for name in _TS_GROUPS}
-    y = t["year"] - (t["month"] <= 2).cast(pl.Int64)
-    era = y // 400
-    yoe = y - era * 400
-    m = t["month"]
-    doy = (153 * (pl.when(m > 2).then(m - 3).otherwise(m + 9)) + 2) // 5 + t["day"] - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    days = era * 146_097 + doe - 719_468
-    nanos = t["fraction"].fill_null("").str.pad_end(9, "0").cast(pl.Int64)
-    micros, rest = nanos // 1000, nanos % 1000
-    micros = micros + ((rest > 500) | ((rest == 500) & (micros % 2 == 1))).cast(pl.Int64)
-    offset_s = (t["off_hour"].fill_null(0) * 3600 + t["off_minute"].fill_null(0) * 60) * (
-        pl.when(t["sign"] == "-").then(-1).otherwise(1))
-    seconds = (days * 86_400 + t["hour"] * 3600 + t["minute"] * 60
-               + t["second"].fill_null(0) - offset_s)
-    return (seconds * 1_000_000 + micros).cast(pl.Datetime("us", "UTC"))
-
-
-def apply_value_rules(rows: pl.DataFrame) -> pl.DataFrame:
-    """Add `reason` (the first broken rule, or null) and the typed values to raw rows.
-
-    Input: RAW_SCHEMA columns plus `batch_position`. Output: the same rows with `unit_price`
-    as Decimal(18,4) and `order_timestamp` as Datetime(us, UTC) where the row is valid, and
-    `reason` (String, null when valid); rules are checked in field order.
-    """
+def _reason() -> pl.Expr:
+    """The first rule a row breaks, in field order, or null (needs `_p_*` and `_t_*`)."""
     customer, quantity = pl.col("customer_id"), pl.col("quantity")
-    checked = rows.with_columns(*_price_parts(), *_timestamp_parts()).with_columns(_first(
+    return _first(
         _order_id_reason(),
         pl.when((customer < CUSTOMER_ID_MIN) | (customer > CUSTOMER_ID_MAX))
         .then(pl.lit(CUSTOMER_ID_RANGE)),
@@ -262,12 +241,65 @@ def apply_value_rules(rows: pl.DataFrame) -> pl.DataFrame:
         .then(pl.lit(QUANTITY_RANGE)),
         _price_reason(),
         _timestamp_reason(),
-    ).alias("reason"))
-    valid = pl.col("reason").is_null()
-    return checked.with_columns(
-        pl.when(valid).then(_price_value()).alias("unit_price"),
-        pl.when(valid).then(_timestamp_value()).alias("order_timestamp"),
-    ).drop(pl.selectors.starts_with("_p_", "_t_"))
+    )
+
+
+def _breaks_no_rule() -> pl.Expr:
+    """True exactly where `_reason()` is null, in one cheap pass (needs `_t_*` only): the same
+    bounds, the two order_id patterns as one, the price rules as PRICE_WITHIN_RULES."""
+    order_id = pl.col("order_id")
+    return pl.all_horizontal(
+        order_id.str.len_chars().is_between(1, ORDER_ID_MAX_CHARS),
+        ~order_id.str.contains(f"{CONTROL_CHARACTERS}|{EDGE_WHITESPACE}"),
+        pl.col("customer_id").is_between(CUSTOMER_ID_MIN, CUSTOMER_ID_MAX),
+        pl.col("quantity").is_between(QUANTITY_MIN, QUANTITY_MAX),
+        pl.col("unit_price").str.contains(PRICE_WITHIN_RULES),
+        *(~broken for broken in _timestamp_checks()),
+    ).fill_null(False)
+
+
+def _timestamp_value() -> pl.Expr:
+    """The instant in UTC, microseconds, from the `_t_*` columns and `_nanos` (the fraction in
+    nanoseconds); finer fractions round half to even, as Postgres does.
+
+    Only for rows that break no timestamp rule: `pl.datetime` raises on an impossible date.
+    """
+    t = {name: pl.col(f"_t_{name}") for name in _TS_GROUPS}
+    local = pl.datetime(t["year"], t["month"], t["day"], t["hour"], t["minute"],
+                        t["second"].fill_null(0), time_unit="us").dt.epoch("us")
+    micros, rest = pl.col("_nanos") // 1000, pl.col("_nanos") % 1000
+    micros = micros + ((rest > 500) | ((rest == 500) & (micros % 2 == 1))).cast(pl.Int64)
+    offset_s = (t["off_hour"].fill_null(0) * 3600 + t["off_minute"].fill_null(0) * 60) * (
+        pl.when(t["sign"] == "-").then(-1).otherwise(1))
+    return (local + micros - offset_s * 1_000_000).cast(pl.Datetime("us", "UTC"))
+
+
+def apply_value_rules(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split raw rows into (valid typed rows, reason rows) by the contract's value rules.
+
+    Input: RAW_SCHEMA columns plus `batch_position`. Valid rows keep the input's columns
+    and order, with `unit_price` as Decimal(18,4) and `order_timestamp` as Datetime(us, UTC);
+    reason rows have `batch_position`, `reason` (String: the first broken rule, in field
+    order) and `order_id`. Every row is checked in one cheap pass (`_breaks_no_rule`); only
+    the rows that break a rule are given their reason.
+    """
+    checked = _with_timestamp_parts(rows, "order_timestamp").with_columns(
+        _breaks_no_rule().alias("_valid"))
+    broken = checked.filter(~pl.col("_valid"))
+    if broken.is_empty():
+        reasons = pl.DataFrame(schema={"batch_position": rows.schema["batch_position"],
+                                       "reason": pl.String, "order_id": pl.String})
+    else:
+        reasons = (broken.with_columns(_price_parts()).unnest("_p")
+                   .select("batch_position", _reason().alias("reason"), "order_id"))
+    nanos = pl.col("_t_fraction").fill_null("").str.pad_end(9, "0").cast(pl.Int64)
+    valid = (checked.filter(pl.col("_valid"))
+             .with_columns(nanos.alias("_nanos"))
+             .with_columns(
+                 pl.col("unit_price").cast(pl.Decimal(18, UNIT_PRICE_SCALE), strict=False),
+                 _timestamp_value().alias("order_timestamp"))
+             .select(rows.columns))
+    return valid, reasons
 
 
 def shown(value: pl.Expr) -> pl.Expr:

@@ -60,21 +60,22 @@ def plain_decimal(value: int | Decimal) -> str:
     """A JSON number as a plain decimal literal (no exponent), exactly.
 
     Exponent forms too large or too fine to write out become a literal that breaks the
-    same value rule (`contract.UNIT_PRICE_TOO_LARGE` / `UNIT_PRICE_PLACES`).
+    same first value rule as the written-out form: the sign's, then too many decimal places
+    (`contract.UNIT_PRICE_PLACES`), then too large (`UNIT_PRICE_TOO_LARGE`).
     """
     if isinstance(value, int):
         return str(value)
     sign = "-" if value.is_signed() else ""
     if value.is_zero():
         return f"{sign}0"
-    if value.adjusted() > contract.UNIT_PRICE_INT_DIGITS:
-        return sign + _PRICE_TOO_LARGE_LITERAL
     # Exponent of the last non-zero digit, computed without a context (normalize() would
     # round 1e-999999999 to 0 and format() would then write a billion zeros).
     digits = "".join(map(str, value.as_tuple().digits))
     exponent = int(value.as_tuple().exponent) + len(digits) - len(digits.rstrip("0"))
     if exponent < -contract.UNIT_PRICE_SCALE:
         return sign + _PRICE_TOO_FINE_LITERAL
+    if value.adjusted() > contract.UNIT_PRICE_INT_DIGITS:
+        return sign + _PRICE_TOO_LARGE_LITERAL
     return format(value, "f")
 
 
@@ -122,24 +123,36 @@ _FAST_LITERALS = {"string": r'"[^"]*"', "integer": r"-?(?:0|[1-9][0-9]{0,17})",
                   "number": r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?"}
 
 
-def _typed_field_pattern() -> str:
-    """A regex matching one field whose JSON literal has the contract's type."""
+def _typed_field_pattern(literals: dict[str, str], space: str) -> str:
+    """A regex matching one contract field (`"name": literal`) whose literal has its type."""
     by_type: dict[str, list[str]] = {}
     for field in contract.PAYLOAD_FIELDS:
         by_type.setdefault(field.json_type, []).append(field.name)
-    return "|".join(rf'"(?:{"|".join(names)})"\s*:\s*{_FAST_LITERALS[json_type]}\s*[,}}]'
+    return "|".join(rf'"(?:{"|".join(names)})"{space}:{space}{literals[json_type]}'
                     for json_type, names in by_type.items())
 
 
-# For a flat object (exactly two braces, no brackets, escapes or control characters, the
+# The usual payload, vouched for by one regex pass: a flat object of exactly as many members
+# as the contract has fields, each a contract field with a literal of its type, strings of
+# printable ASCII without escapes or brackets, only spaces between tokens. Such a line has
+# no key twice exactly when every field comes out of `read_ndjson` non-null, which
+# `_fast_rows` checks.
+_USUAL_FIELD = _typed_field_pattern(
+    {**_FAST_LITERALS, "string": r'"[\x20-\x7f--["\\\[\]{}]]*"'}, " *")
+_USUAL_LINE = (rf"^ *\{{ *(?:{_USUAL_FIELD})"
+               rf"(?: *, *(?:{_USUAL_FIELD})){{{len(contract.PAYLOAD_FIELDS) - 1}}} *\}} *$")
+# Any other flat object (exactly two braces, no brackets, escapes or control characters, the
 # whole line one object) whose keys are all distinct and whose contract fields each appear
-# with a literal of the right type, Polars parses exactly what the strict parser would; the
-# unit_price literal is taken from the text itself, never through a float.
+# with a literal of the right type: Polars parses exactly what the strict parser would. In
+# both cases the unit_price literal is taken from the text itself, never through a float.
 _STRUCTURAL = r"[{}\[\]\\\x00-\x1f]"
 _ONE_OBJECT = r"^\s*\{.*\}\s*$"
 _ANY_KEY = r'"[^"]*"\s*:'
-_TYPED_FIELD = _typed_field_pattern()
-_PRICE_LITERAL = rf'"unit_price"\s*:\s*({_FAST_LITERALS["number"]})\s*[,}}]'
+_SPACE = r"\s*"
+_TYPED_FIELD = rf"(?:{_typed_field_pattern(_FAST_LITERALS, _SPACE)}){_SPACE}[,}}]"
+# On a line either check vouched for, the one "unit_price" key is followed by a plain
+# decimal literal: its characters are the whole literal.
+_PRICE_LITERAL = r'"unit_price"\s*:\s*([-.0-9]+)'
 _FAST_READ_SCHEMA = {name: dtype for name, dtype in RAW_SCHEMA.items() if name != "unit_price"}
 
 
@@ -159,42 +172,62 @@ def _distinct_keys(text: pl.Series) -> pl.Series:
     return distinct
 
 
+def _flat_objects(payloads: Sequence[bytes], text: pl.Series, positions: list[int]
+                  ) -> list[int]:
+    """Of `positions`, those whose payload is a flat object `read_ndjson` reads exactly.
+
+    The general check, for payloads the usual pattern leaves out (extra keys, say); `text`
+    holds every ASCII payload as a string.
+    """
+    candidates = [i for i in positions if payloads[i].isascii()
+                  and b"\n" not in payloads[i] and b"\r" not in payloads[i]]
+    if not candidates:
+        return []
+    lines = text.gather(candidates)
+    flat = ((lines.str.count_matches(_STRUCTURAL) == 2)
+            & lines.str.contains(_ONE_OBJECT)
+            & _distinct_keys(lines)
+            & (lines.str.count_matches(_TYPED_FIELD) == len(contract.PAYLOAD_FIELDS)))
+    return [i for i, ok in zip(candidates, flat.to_list(), strict=True) if ok]
+
+
 def _fast_rows(payloads: Sequence[bytes]) -> tuple[pl.DataFrame | None, list[int]]:
     """Parse the plainly well-formed payloads with Polars in one go, vectorised.
 
-    Returns (raw typed rows or None, positions left for the strict per-row parser).
-    Anything unusual (non-ASCII, escapes, nesting, a key repeated, a field of the wrong
-    type or missing, an exponent, a line Polars refuses) goes to the per-row parser, the
-    reference for every reason. Both paths hand identical values to the same value rules.
+    Returns (raw typed rows or None, positions left for the strict per-row parser, in
+    order). Anything unusual (non-ASCII, escapes, nesting, a key repeated, a field of the
+    wrong type or missing, an exponent, a line Polars refuses) goes to the per-row parser,
+    the reference for every reason. Both paths hand identical values to the same value rules.
     """
     everything = list(range(len(payloads)))
-    candidates = [i for i, p in enumerate(payloads)
-                  if p.isascii() and b"\n" not in p and b"\r" not in p]
-    if not candidates:
-        return None, everything
-    text = pl.Series("t", [payloads[i] for i in candidates], dtype=pl.Binary).cast(pl.String)
-    eligible = ((text.str.count_matches(_STRUCTURAL) == 2)
-                & text.str.contains(_ONE_OBJECT)
-                & _distinct_keys(text)
-                & (text.str.count_matches(_TYPED_FIELD) == len(contract.PAYLOAD_FIELDS)))
-    chosen = text.filter(eligible)
-    fast = [i for i, ok in zip(candidates, eligible.to_list(), strict=True) if ok]
-    if not fast:
-        return None, everything
     try:
-        rows = pl.read_ndjson(io.BytesIO(b"\n".join(payloads[i] for i in fast)),
-                              schema=_FAST_READ_SCHEMA)
+        text = pl.Series("t", payloads, dtype=pl.Binary).cast(pl.String)
+    except pl.exceptions.PolarsError:  # not UTF-8: never fast, so any text will do there
+        text = pl.Series("t", [p if p.isascii() else b"" for p in payloads],
+                         dtype=pl.Binary).cast(pl.String)
+    eligible = text.str.contains(_USUAL_LINE)
+    if not eligible.all():
+        flat = _flat_objects(payloads, text, (~eligible).arg_true().to_list())
+        if flat:
+            eligible = eligible.scatter(flat, True)
+    fast = eligible.arg_true()
+    if fast.is_empty():
+        return None, everything
+    lines = payloads if fast.len() == len(payloads) else [payloads[i] for i in fast]
+    try:
+        rows = pl.read_ndjson(io.BytesIO(b"\n".join(lines)), schema=_FAST_READ_SCHEMA)
     except pl.exceptions.PolarsError:
         return None, everything
-    if rows.height != len(fast):
+    if rows.height != fast.len():
         return None, everything
     rows = rows.with_columns(
-        chosen.str.extract(_PRICE_LITERAL, 1).alias("unit_price"),
-        pl.Series("batch_position", fast, dtype=pl.Int32),
+        text.filter(eligible).str.extract(_PRICE_LITERAL, 1).alias("unit_price"),
+        fast.cast(pl.Int32).set_sorted().alias("batch_position"),
     ).select("batch_position", *RAW_SCHEMA)
-    complete = rows.select(pl.all_horizontal(pl.all().is_not_null())).to_series()
-    fast_set = set(rows.filter(complete)["batch_position"].to_list())
-    return rows.filter(complete), [i for i in everything if i not in fast_set]
+    rows = rows.filter(pl.all_horizontal(pl.all().is_not_null()))
+    parsed = pl.zeros(len(payloads), pl.Boolean, eager=True).scatter(
+        rows["batch_position"], True)
+    return rows, (~parsed).arg_true().to_list()
 
 
 def parse_payloads(payloads: Sequence[bytes]) -> ParsedBatch:
@@ -216,7 +249,12 @@ def parse_payloads(payloads: Sequence[bytes]) -> ParsedBatch:
             columns[name].append(parsed[name])
     slow = pl.DataFrame({"batch_position": positions, **columns},
                         schema={"batch_position": pl.Int32, **RAW_SCHEMA}, strict=False)
-    rows = slow if fast is None else pl.concat([fast, slow]).sort("batch_position")
+    if fast is None:
+        rows = slow
+    elif slow.is_empty():
+        rows = fast
+    else:
+        rows = pl.concat([fast, slow]).sort("batch_position")
     rejects = pl.DataFrame({
         "batch_position": bad_positions,
         "raw_payload": [payloads[p] for p in bad_positions],
@@ -232,11 +270,7 @@ def validate_values(rows: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     Valid rows carry `unit_price` as Decimal(18,4) and `order_timestamp` as UTC Datetime;
     reason rows have `batch_position`, `reason`, `order_id`.
     """
-    checked = contract.apply_value_rules(rows)
-    valid = checked.filter(pl.col("reason").is_null()).drop("reason")
-    invalid = checked.filter(pl.col("reason").is_not_null()).select(
-        "batch_position", "reason", "order_id")
-    return valid, invalid
+    return contract.apply_value_rules(rows)
 
 
 def lookup_ids(rows: pl.DataFrame) -> dict[str, list[str]]:
@@ -250,30 +284,39 @@ def lookup_ids(rows: pl.DataFrame) -> dict[str, list[str]]:
 
 def enrich(rows: pl.DataFrame, lookups: dict[str, pl.DataFrame]
            ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Join lookups and compute totals; returns (staging rows, reason rows)."""
+    """Join lookups and compute totals; returns (staging rows, reason rows).
+
+    `rows` are valid rows (`validate_values`); `lookups` the frames of `LookupCache.fetch`.
+    Staging rows keep the input's order; reason rows have `batch_position`, `reason`,
+    `order_id`, and only the rows with an unknown reference pay for building a reason.
+    """
+    currencies = lookups["currencies"].with_columns(pl.col("rate_to_usd").cast(pl.Decimal(18, 8)))
+    zip_codes = lookups["zip_codes"].with_columns(pl.col("shipping_zone").cast(pl.Int16))
     joined = (rows
               .join(lookups["products"], on="product_id", how="left")
-              .join(lookups["currencies"], on="currency", how="left")
-              .join(lookups["zip_codes"], on="zip_code", how="left"))
-    checked = joined.with_columns(pl.coalesce(
-        pl.when(pl.col("category").is_null()).then(contract.unknown_reference("product_id")),
-        pl.when(pl.col("rate_to_usd").is_null()).then(contract.unknown_reference("currency")),
-        pl.when(pl.col("region").is_null()).then(contract.unknown_reference("zip_code")),
-    ).alias("reason"))
-    invalid = checked.filter(pl.col("reason").is_not_null()).select(
-        "batch_position", "reason", "order_id")
-    total = (pl.col("unit_price") * pl.col("quantity")).cast(pl.Decimal(24, 4))
-    rate = pl.col("rate_to_usd").cast(pl.Decimal(18, 8))
+              .join(currencies, on="currency", how="left")
+              .join(zip_codes, on="zip_code", how="left"))
+    known = pl.all_horizontal(pl.col("category", "rate_to_usd", "region").is_not_null())
+    unknown = joined.filter(~known)
+    if unknown.is_empty():
+        invalid = pl.DataFrame(schema={"batch_position": rows.schema["batch_position"],
+                                       "reason": pl.String, "order_id": pl.String})
+    else:
+        invalid = unknown.select("batch_position", pl.coalesce(
+            pl.when(pl.col("category").is_null()).then(contract.unknown_reference("product_id")),
+            pl.when(pl.col("rate_to_usd").is_null()).then(contract.unknown_reference("currency")),
+            pl.when(pl.col("region").is_null()).then(contract.unknown_reference("zip_code")),
+        ).alias("reason"), "order_id")
+    total = pl.col("total_amount")
     # Scale 12 holds the exact product of scale 4 and scale 8: the only rounding is the
     # final one to cents (Polars would otherwise round the product to scale 8 first).
-    exact_usd = total.cast(pl.Decimal(38, 12)) * rate
-    staged = (checked.filter(pl.col("reason").is_null())
-              .with_columns(
-                  total.alias("total_amount"),
-                  exact_usd.round(2, mode="half_away_from_zero")
-                  .cast(pl.Decimal(22, 2)).alias("total_amount_usd"),
-                  pl.col("shipping_zone").cast(pl.Int16),
-              ).drop("reason", "rate_to_usd").sort("batch_position"))
+    exact_usd = total.cast(pl.Decimal(38, 12)) * pl.col("rate_to_usd")
+    staged = (joined.filter(known).sort("batch_position")
+              .with_columns((pl.col("unit_price") * pl.col("quantity"))
+                            .cast(pl.Decimal(24, 4)).alias("total_amount"))
+              .with_columns(exact_usd.round(2, mode="half_away_from_zero")
+                            .cast(pl.Decimal(22, 2)).alias("total_amount_usd"))
+              .drop("rate_to_usd"))
     return staged, invalid
 
 

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from orders_pipeline import pipeline
 from orders_pipeline.postgres_patterns.schema import CORE_TABLES
 from orders_pipeline.postgres_patterns.views import VIEWS
+from orders_pipeline.redis_patterns.dedup import DedupWindow
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
@@ -396,6 +397,9 @@ def test_injection_looking_values_are_stored_literally(
     present = pg.execute("SELECT count(to_regclass(t)) FROM unnest(%s::text[]) AS t",
                          (list(CORE_TABLES) + list(VIEWS),)).fetchone()[0]
     assert present == len(CORE_TABLES) + len(VIEWS)
-    dedup = RedisKeys(settings.redis.key_prefix)
-    assert all(rconn.exists(dedup.dedup(oid)) for oid in INJECTION_IDS)
+    # Every id was marked in the dedup window: a different order with it is a duplicate.
+    dedup = DedupWindow(rconn, RedisKeys(settings.redis.key_prefix),
+                        settings.pipeline.dedup_window_seconds)
+    probes = [f"probe:{n}" for n in range(len(INJECTION_IDS))]  # tokens of no batch
+    assert dedup.check_and_mark(INJECTION_IDS, probes) == [False] * len(INJECTION_IDS)
     assert_pipeline_empty(settings, rconn, pg)

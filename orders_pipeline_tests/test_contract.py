@@ -250,6 +250,58 @@ def test_timestamp_grammar_matches_an_independent_reference(stamps: list[str]) -
         assert got.get(i) == reference_timestamp(stamp), stamp
 
 
+# Plain decimal literals around every price bound: signs, leading and trailing zeros,
+# 1-12 integer digits, 0-6 decimal places.
+PRICE_LITERALS = st.builds(
+    lambda sign, zeros, digits, fraction, trailing: (
+        f"{sign}{'0' * zeros}{digits}{'.' + fraction + '0' * trailing if fraction else ''}"),
+    st.sampled_from(["", "", "", "-"]), st.integers(0, 2),
+    st.from_regex(r"\A[0-9]{1,12}\Z"), st.from_regex(r"\A([0-9]{1,6})?\Z"),
+    st.integers(0, 40))
+
+
+def mostly(good: st.SearchStrategy[object], *bad: st.SearchStrategy[object]
+           ) -> st.SearchStrategy[object]:
+    """`good` three times in four, so that one broken field often stands alone in a row."""
+    return st.one_of(good, good, good, *bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(
+    mostly(st.from_regex(r"\A[0-9a-z-]{1,12}\Z"), st.text(max_size=8),
+           st.text(max_size=300), st.sampled_from(
+               ["a\x7f", "a\x85", "\u3000a", "a\u2028", "x" * 256, "é" * 257])),
+    mostly(st.integers(1, 10**6), st.integers(-2, 2), st.sampled_from([2**63 - 1, -(2**63)])),
+    mostly(st.integers(1, 5), st.integers(-1, 2), st.integers(999_999, 1_000_002)),
+    mostly(PRICE_LITERALS, st.sampled_from(["", "1.", ".5", "1e5", "+1", "1.5 ", "٣"])),
+    mostly(st.sampled_from([stamp for stamp, _ in ACCEPTED]), timestamp_text(),
+           st.text(max_size=30))), min_size=1, max_size=20))
+def test_one_pass_check_agrees_with_every_rule(rows: list[tuple[str, int, int, str, str]]
+                                               ) -> None:
+    """`apply_value_rules` checks every row in one cheap pass and gives reasons only to the
+    rows it finds broken: the split must be the one the full rule chain gives each row, and
+    accepted values exact (price from the literal, instant from the reference reading)."""
+    names = ("order_id", "customer_id", "quantity", "unit_price", "order_timestamp")
+    frame = pl.DataFrame(
+        {"batch_position": list(range(len(rows))),
+         **{name: [row[i] for row in rows] for i, name in enumerate(names)},
+         "product_id": "P1", "currency": "USD", "zip_code": "10001"},
+        schema={"batch_position": pl.Int32, **contract.RAW_SCHEMA})
+    valid, invalid = contract.apply_value_rules(frame)
+    every_rule = (contract._with_timestamp_parts(frame, "order_timestamp")
+                  .with_columns(contract._price_parts()).unnest("_p")
+                  .select(contract._reason()).to_series().to_list())
+    assert dict(zip(invalid["batch_position"], invalid["reason"], strict=True)) == {
+        i: reason for i, reason in enumerate(every_rule) if reason is not None}
+    assert valid["batch_position"].to_list() == [
+        i for i, reason in enumerate(every_rule) if reason is None]
+    assert valid.columns == frame.columns
+    for position, price, instant in valid.select(
+            "batch_position", "unit_price", "order_timestamp").iter_rows():
+        assert price == Decimal(rows[position][3])
+        assert instant == reference_timestamp(rows[position][4])
+
+
 # ----------------------------------------------------------------------------- identifiers
 
 

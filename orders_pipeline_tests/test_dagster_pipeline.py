@@ -79,7 +79,7 @@ def test_definitions_load_and_validate(settings: Settings, tmp_path: Path) -> No
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING
                for s in repository.sensor_defs)
     assert [j.name for j in repository.get_all_jobs() if not j.name.startswith("__")] == [
-        "backup", "ingest_orders", "redrive_rejected"]
+        "backup", "ingest_orders", "redrive_rejected", "retention"]
     result = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -144,7 +144,7 @@ def test_dg_check_and_list_defs_show_the_configured_prefix(settings: Settings,
         "promoted_stream_observation_sensor",
         "default_automation_condition_sensor"}
     assert found["schedules"] == [] and [j["name"] for j in found["jobs"]] == [
-        "backup", "ingest_orders", "redrive_rejected"]
+        "backup", "ingest_orders", "redrive_rejected", "retention"]
 
 
 def test_end_to_end_materialize(settings: Settings, rconn: redis.Redis,

@@ -348,7 +348,7 @@ def test_slot_migration_mid_run(on_cluster: Settings, redis_cluster: RedisCluste
 
     output, refused = run_through_change(on_cluster, pg, migrate)
     assert redis_cluster.owner(slot) is target
-    assert moved and moved[0] > 1000  # the queue, the batches and the dedup window moved
+    assert moved and moved[0] > 500  # the queue, the batches and the dedup window moved
     redirections = redis_cluster.redirections()
     print(f"\nmigrated {moved[0]} keys; the nodes answered {redirections}; pushes refused "
           f"meanwhile: {refused}; worker warnings:\n" + "\n".join(transient_warnings(output)[-20:]))

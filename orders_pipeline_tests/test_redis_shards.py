@@ -55,7 +55,8 @@ def shard_key_names(keys: RedisKeys) -> list[str]:
     """Every per-shard key of one shard: queue, leases, batch lists, dedup window, counters."""
     return [keys.ingestion, keys.dequeued, keys.queue_marks, keys.inflight, keys.owners,
             keys.staged, keys.quarantined, keys.redriven, keys.counters, keys.batch("b" * 32),
-            keys.dedup("order-1"), keys.dedup_count(29_000_000)]
+            keys.dedup_generation(3600, 480_000), f"{keys.dedup_level(3600, 480_000, 10)}3ff",
+            keys.dedup_count(29_000_000)]
 
 
 def slot_range(slot: int, shards: int) -> int:

@@ -132,3 +132,80 @@ def test_clean_batch_takes_the_vectorised_path() -> None:
     assert slow == [1, 2, 3]
     assert fast.schema["customer_id"] == pl.Int64
     assert fast["unit_price"].to_list() == ["9.5"]  # the literal, never a float
+
+
+# Printable ASCII and DEL: what a usual line's strings may hold, plus the brackets, quotes
+# and backslashes that must send a line to the general check or the strict parser.
+USUAL_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=127), max_size=10)
+USUAL_VALUES = {
+    "order_id": USUAL_TEXT, "customer_id": st.integers(-5, 10**18 - 1),  # 18 digits at most
+    "product_id": st.sampled_from(["P000001", "P000002", "P9"]),
+    "quantity": st.integers(-2, 10**6 + 1),
+    "unit_price": st.from_regex(r"\A-?(0|[1-9][0-9]{0,11})(\.[0-9]{1,6})?\Z"),
+    "currency": st.sampled_from(["USD", "EUR", "usd"]), "zip_code": st.just("02134"),
+    "order_timestamp": st.sampled_from(["2026-11-22T10:00:00+01:00", "2026-11-22T09:00Z",
+                                        "2026-02-30T09:00Z", "2026-11-22 09:00Z"]),
+}
+# JSON literals of the wrong type or form for some field, or right but unusual.
+ODD_LITERALS = st.sampled_from([
+    "01", "-0", "1e2", "1E+2", "1.5e-3", "1.0", "9223372036854775808", "-9223372036854775809",
+    "123456789012345678", "1234567890123456789", "true", "null", '"5"', "[1]", '{"a":1}',
+    '"\\u00e9"', '"\\ud800"', '"a\\"b"', '"\\\\"', '"é"', "NaN", "-", "1.", ".5", '""', "[]",
+])
+
+
+@st.composite
+def near_usual_line(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A line of exactly the contract's members, maybe one changed; True if it is usual.
+
+    Changes: a field's literal swapped for an odd one, a member renamed to an unknown key
+    or to another field's key (a repeat with one field missing), tabs or none of the spaces.
+    """
+    literals = {name: json.dumps(draw(strategy)) if name != "unit_price" else draw(strategy)
+                for name, strategy in USUAL_VALUES.items()}
+    keys = list(draw(st.permutations(list(literals))))
+    change = draw(st.sampled_from(["none", "none", "literal", "rename", "repeat"]))
+    if change == "literal":
+        literals[draw(st.sampled_from(keys))] = draw(ODD_LITERALS)
+    members = [(key, literals[key]) for key in keys]
+    if change in ("rename", "repeat"):
+        at = draw(st.integers(0, len(members) - 1))
+        other = "note" if change == "rename" else draw(st.sampled_from(
+            [k for k in keys if k != members[at][0]]))
+        members[at] = (other, members[at][1])
+    space = draw(st.sampled_from(["", " ", "  ", "\t"]))
+    body = f"{space},{space}".join(f'"{k}"{space}:{space}{v}' for k, v in members)
+    line = f"{space}{{{space}{body}{space}}}{space}"
+    strings = [v for k, v in members if USUAL_VALUES[k] is not USUAL_VALUES["unit_price"]
+               and v.startswith('"')] if change == "none" else []
+    usual = change == "none" and space != "\t" and not any(
+        c in v[1:-1] for v in strings for c in '{}[]\\"')
+    return line.encode(), usual
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(near_usual_line(), min_size=1, max_size=20))
+def test_usual_lines_take_one_pass_and_keep_their_verdict(lines: list[tuple[bytes, bool]]
+                                                          ) -> None:
+    """The one-pattern check (`_USUAL_LINE`) vouches only for lines `read_ndjson` reads as the
+    strict parser does: beside any neighbours each line gets the strict parser's verdict,
+    and every usual line is read by the vectorised path."""
+    payloads = [raw for raw, _ in lines]
+    in_batch = verdicts(payloads)
+    fast, _ = transform._fast_rows(payloads)
+    taken = set() if fast is None else set(fast["batch_position"].to_list())
+    for position, (raw, usual) in enumerate(lines):
+        assert in_batch[position] == strict_verdict(raw), raw
+        if usual:
+            assert position in taken, raw
+
+
+def test_price_too_large_and_too_fine_gets_the_same_reason_on_both_paths() -> None:
+    """100000000000.00001 breaks the places rule first (rule order), also where the strict
+    parser reads it (here because of an escape), not only where `read_ndjson` does."""
+    line = json.dumps({**VALID, "unit_price": "@"}, separators=(",", ":")).replace(
+        '"@"', "100000000000.00001")
+    escaped = line.replace('"a-1"', '"a\\u002d2"')
+    assert verdicts([line.encode(), escaped.encode()]) == {
+        0: contract.UNIT_PRICE_PLACES, 1: contract.UNIT_PRICE_PLACES}
+    assert strict_verdict(escaped.encode()) == contract.UNIT_PRICE_PLACES

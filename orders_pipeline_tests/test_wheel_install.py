@@ -81,7 +81,8 @@ def wheel_venv(tmp: Path) -> Path:
         shipped = sorted(name.removeprefix("orders_pipeline/sql/") for name in archive.namelist()
                          if name.startswith("orders_pipeline/sql/"))
     assert shipped == REPO_DDL
-    assert REPO_DDL[:3] == ["010_schema.sql", "020_seed.sql", "030_views.sql"]
+    assert REPO_DDL[:4] == ["010_schema.sql", "015_partitioned_orders.sql", "020_seed.sql",
+                            "030_views.sql"]
 
     venv = tmp / "venv"
     run_ok([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp)

@@ -183,18 +183,26 @@ class RedisKeys:
         """List holding the raw payloads of one claimed batch, in claim order."""
         return f"{self.prefix}:batch:{batch_id}"
 
-    def dedup(self, order_id: str) -> str:
-        """Marker of one order id in the dedup window.
-
-        Named by a 128-bit BLAKE2b digest of the id's UTF-8 bytes, so the key's length never
-        depends on the id's (DESIGN.md: ids are 1-256 characters, compared exactly).
-        """
-        digest = hashlib.blake2b(order_id.encode(), digest_size=16).hexdigest()
-        return f"{self.prefix}:dedup:{digest}"
-
     @property
     def dedup_id_prefix(self) -> str:
+        """Prefix of every key holding dedup marks: `dedup_generation`, `dedup_level` (and,
+        before issue 10 item 4, one string key per order id: `<prefix>` + 32 hex digits)."""
         return f"{self.prefix}:dedup:"
+
+    def dedup_generation(self, window_seconds: int, generation: int) -> str:
+        """Hash describing one generation of the dedup window (`DedupWindow`): `levels`, the
+        bits of its levels newest first (e.g. `14,10`), `ids` marked in it, `top` marked in
+        its newest level. Generation g spans [g * window_seconds, (g + 1) * window_seconds)
+        seconds of the Redis clock."""
+        return f"{self.dedup_id_prefix}{window_seconds}:{generation}"
+
+    def dedup_level(self, window_seconds: int, generation: int, bits: int) -> str:
+        """Prefix of the 2**bits hashes of one level of a generation (`dedup_generation`): the
+        hash of bucket b (0 <= b < 2**bits) is this prefix + b in lowercase hex. It holds the
+        marks of the ids whose 16-byte BLAKE2b digest (of the id's UTF-8 bytes) begins with
+        the `bits` bits of b: field = that digest, value = the 8-byte BLAKE2b digest of the
+        token that marked it."""
+        return f"{self.dedup_id_prefix}{window_seconds}:{generation}:{bits}:"
 
     @property
     def dedup_count_prefix(self) -> str:
