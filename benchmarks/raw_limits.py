@@ -430,8 +430,8 @@ def postgres_limits(settings: Settings, sample: Sample,
 
 # ---------------------------------------------------------------------------- the pipeline alone
 
-_RESET = ", ".join(("orders", "orders_staging", "orders_rejected", "ingest_batches",
-                    "promotions", *ROLLUPS))
+_RESET = ", ".join(("orders", "order_ids", "orders_staging", "orders_rejected",
+                    "ingest_batches", "promotions", *ROLLUPS))
 
 
 WORKER_STEPS = ("claim", "parse", "transform", "dedup", "copy", "hand_over")

@@ -292,3 +292,24 @@ def test_retention_job_reports_and_refuses_without_retries(
         [failure] = [e for e in refused.all_events if e.is_step_failure]
         assert fragment in failure.step_failure_data.error.message
         assert not [e for e in refused.all_events if e.is_step_up_for_retry]
+
+
+def test_guard_follows_deletes_and_truncate_and_a_stale_guard_never_blocks(
+        pg: psycopg.Connection, catalog: Catalog) -> None:  # noqa: F811
+    stage_all(pg, catalog, [("one", 0, [Copy("a", 1, 0, 1, 500, 0), Copy("b", 2, 0, 1, 500, 0),
+                                        Copy("c", 3, 0, 1, 500, 40 * DAY)])])
+    assert promote_round(pg).inserted_rows == 3
+    pg.execute("DELETE FROM orders WHERE order_id = 'a'")  # by hand: its id is free again
+    assert set(guard(pg)) == {"b", "c"}
+    # A partition emptied by hand (no trigger fires) leaves its ids in the guard: a copy of
+    # "c" is then refused, never doubled, and the batch beside it is promoted.
+    pg.execute(sql.SQL("TRUNCATE {}").format(
+        sql.Identifier(partitions.orders_partition_name(month_of(START + timedelta(days=40))))))
+    stage_all(pg, catalog, [("two", 0, [Copy("a", 11, 0, 1, 500, 5), Copy("c", 13, 0, 1, 500,
+                                                                           40 * DAY)])])
+    result = promote_round(pg)
+    assert (result.promoted_batches, result.inserted_rows) == (["two"], 1)
+    assert stored(pg) == {"a": (11, "two"), "b": (2, "one")}
+    pg.execute("TRUNCATE orders")
+    assert guard(pg) == {}
+    pg.commit()

@@ -95,11 +95,10 @@ def _insert_orders(order_by: str) -> str:
     ids into the guard `order_ids`; fold exactly the rows that landed (inserted, and their id
     new to the guard) into the view rollups in key order, and list their ids in the fan-out
     outbox, one row per batch (`postgres_patterns.promoted_outbox`). Returns the rows that
-    landed, the ids of the outbox rows written, and the rows inserted: more than landed when
-    some inserted row's id was already in the guard (a copy of a stored order dated
-    differently, so another key of `orders`), which the caller then deletes
-    (_DELETE_REFUSED). Of several copies in one statement the first inserted lands. Built
-    from constants only."""
+    landed, the ids of the outbox rows written, and the (order_id, order_timestamp) of the
+    rows inserted whose id the guard already held: a copy of a stored order dated
+    differently (another key of `orders`), which the caller deletes. Of several copies in one
+    statement the first inserted lands. Built from constants only."""
     return f"""
 WITH inserted AS (
     INSERT INTO orders ({_COLUMNS})
@@ -120,19 +119,19 @@ WITH inserted AS (
     INSERT INTO promoted_outbox (batch_id, order_ids)
     SELECT batch_id, array_agg(order_id) FROM landed GROUP BY batch_id
     RETURNING outbox_id
+), refused AS (
+    SELECT i.order_id, i.order_timestamp FROM inserted i
+    LEFT JOIN guarded g USING (order_id, order_timestamp) WHERE g.order_id IS NULL
 )
 SELECT (SELECT count(*) FROM landed), ARRAY(SELECT outbox_id FROM to_outbox),
-       (SELECT count(*) FROM inserted)
+       ARRAY(SELECT order_id FROM refused), ARRAY(SELECT order_timestamp FROM refused)
 """
-# After the insert, when it inserted rows that did not land: delete them. They are the
-# batches' staged rows (still in staging) whose id the guard holds with another timestamp
-# and which `orders` holds under their own; a stored row is never one of them (the guard
-# holds its own timestamp), nor a row that landed. Rare: only late copies dated otherwise.
+# Rows a round inserted whose id the guard held already (see above). Found in the statement
+# itself, so the guard decides even if it and `orders` were let drift apart by hand (e.g. a
+# partition truncated): a later copy is then refused, never doubled, and never blocks.
 _DELETE_REFUSED = """
-DELETE FROM orders o USING orders_staging s, order_ids g
-WHERE s.batch_id = ANY(%s) AND g.order_id = s.order_id
-  AND g.order_timestamp <> s.order_timestamp
-  AND o.order_id = s.order_id AND o.order_timestamp = s.order_timestamp
+DELETE FROM orders o USING unnest(%s::text[], %s::timestamptz[]) AS r(order_id, order_timestamp)
+WHERE o.order_id = r.order_id AND o.order_timestamp = r.order_timestamp
 """
 # Sorts and hash aggregates of a round's statement (rollups, outbox, guard join) over up to
 # max_batches x batch size rows: 4 MB made them spill to disk, 64 MB kept a 200k-order round
@@ -274,14 +273,11 @@ def _promote(conn: psycopg.Connection, batches: list[str], in_id_order: bool
     reprocess first replace the stored orders they recompute. `in_id_order`: insert in
     order_id order (a shard round, beside others)."""
     reprocess_staged(conn, batches)
-    landed, outbox_ids, inserted = conn.execute(
+    landed, outbox_ids, refused_ids, refused_stamps = conn.execute(
         _INSERT_IN_ID_ORDER if in_id_order else _INSERT_IN_HEAP_ORDER,
         {"batches": batches}).fetchone()
-    if inserted > landed:
-        deleted = conn.execute(_DELETE_REFUSED, (batches,)).rowcount
-        if deleted != inserted - landed:  # the statement above and this one disagree
-            raise RuntimeError(f"promotion inserted {inserted - landed} rows whose id was "
-                               f"stored already but found {deleted} to delete")
+    if refused_ids:
+        conn.execute(_DELETE_REFUSED, (refused_ids, refused_stamps))
     crash_point("mid_promotion")
     conn.execute("DELETE FROM orders_staging WHERE batch_id = ANY(%s)", (batches,))
     conn.execute("UPDATE ingest_batches SET status = 'promoted', promoted_at = now()"

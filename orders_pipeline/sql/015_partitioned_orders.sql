@@ -81,6 +81,17 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- TRUNCATE orders (the whole table) empties the guard too (by DELETE: a TRUNCATE here would
+-- collide with a TRUNCATE statement that names both tables). A partition truncated or
+-- dropped by hand leaves its ids in the guard: later copies of them are refused, never
+-- doubled.
+CREATE OR REPLACE FUNCTION order_ids_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM order_ids;
+    RETURN NULL;
+END $$;
+
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'orders'::regclass
@@ -88,6 +99,11 @@ BEGIN
         CREATE TRIGGER orders_free_ids AFTER DELETE ON orders
             REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT
             EXECUTE FUNCTION order_ids_follow_orders();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'orders'::regclass
+                   AND tgname = 'orders_truncate_ids') THEN
+        CREATE TRIGGER orders_truncate_ids AFTER TRUNCATE ON orders
+            FOR EACH STATEMENT EXECUTE FUNCTION order_ids_truncate();
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'orders'::regclass
                    AND tgname = 'orders_move_ids') THEN
