@@ -39,7 +39,11 @@ from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from orders_pipeline import backup, fanout, generator, pipeline
 from orders_pipeline.connections import close_all, pg_connect, redis_client
-from orders_pipeline.postgres_patterns.partitions import RetentionRefused, horizon_keeping
+from orders_pipeline.postgres_patterns.partitions import (
+    MAX_KEEP_MONTHS,
+    RetentionRefused,
+    horizon_keeping,
+)
 from orders_pipeline.postgres_patterns.promotion import QuarantinedBatch, error_text
 from orders_pipeline.postgres_patterns.redrive import RedriveRefused, RejectFilter
 from orders_pipeline.postgres_patterns.replay import ReplayRefused, Window
@@ -711,7 +715,7 @@ def cmd_refresh(settings: Settings, every_month: bool) -> None:
 @main.command("retention")
 @click.option("--before", "horizon", type=_Month(), metavar="YYYY-MM",
               help="drop every month before this one")
-@click.option("--keep-months", type=click.IntRange(min=1), metavar="N",
+@click.option("--keep-months", type=click.IntRange(1, MAX_KEEP_MONTHS), metavar="N",
               help="keep the current UTC month and the N-1 before it; drop the older ones")
 @click.option("--dry-run", is_flag=True, help="report what would be dropped; change nothing")
 @_with_settings
@@ -733,9 +737,9 @@ def cmd_retention(settings: Settings, horizon: date | None, keep_months: int | N
     except RetentionRefused as exc:
         raise CliError(str(exc)) from exc
     verb = "would drop" if dry_run else "dropped"
-    click.echo(f"retention before {result.horizon:%Y-%m}: {verb} {len(result.partitions)} "
-               f"month partitions ({result.orders:,} orders, {result.ids:,} ids) and "
-               f"{len(result.view_slices)} month views")
+    click.echo(f"retention before {result.horizon.isoformat()[:7]}: {verb} "
+               f"{len(result.partitions)} month partitions ({result.orders:,} orders, "
+               f"{result.ids:,} ids) and {len(result.view_slices)} month views")
     for name in result.partitions:
         click.echo(f"  {name}")
 

@@ -2,7 +2,7 @@
 
     accepted + redriven + replayed = orders + promotion conflicts + rejected
                                      + duplicates dropped + awaiting promotion + quarantined
-                                     + queued + in flight
+                                     + queued + in flight + dropped by retention
 
 `accepted` is counted by producers in the same MULTI as their LPUSH. `redriven` counts the
 rejected orders a re-drive put back in flight, in the same MULTI as that push
@@ -13,9 +13,10 @@ Postgres side comes from the logged batch ledger (a batch's rejects and duplicat
 its staging has committed, and a quarantined batch's orders count as quarantined until it is
 re-admitted); the Redis side counts only batches the ledger does not already account for
 (claimed and not yet staged, lost to a Postgres crash and requeued, re-admitted,
-re-driven or replayed). The two servers are read one after the other, so the books are
-exact whenever no batch changes state between the two reads: at rest, after every run, which
-is when the asset check evaluates them.
+re-driven or replayed). Orders that `orders-pipeline retention` dropped with their months
+are counted by it (`orders_retention.dropped_orders`). The two servers are read one after
+the other, so the books are exact whenever no batch changes state between the two reads: at
+rest, after every run, which is when the asset check evaluates them.
 """
 
 from dataclasses import asdict, dataclass
@@ -34,7 +35,8 @@ SELECT (SELECT count(*) FROM orders),
        coalesce(sum(rejected_rows) FILTER (WHERE status <> 'lost'), 0),
        coalesce(sum(duplicate_rows) FILTER (WHERE status <> 'lost'), 0),
        coalesce(sum(staged_rows) FILTER (WHERE status = 'staged'), 0),
-       coalesce(sum(staged_rows) FILTER (WHERE status = 'quarantined'), 0)
+       coalesce(sum(staged_rows) FILTER (WHERE status = 'quarantined'), 0),
+       (SELECT coalesce(sum(dropped_orders), 0) FROM orders_retention)
 FROM ingest_batches
 """
 
@@ -52,12 +54,13 @@ class Conservation:
     quarantined: int
     queued: int
     in_flight: int
+    dropped_by_retention: int = 0
 
     @property
     def accounted(self) -> int:
         return (self.orders + self.promotion_conflicts + self.rejected
                 + self.duplicates_dropped + self.awaiting_promotion + self.quarantined
-                + self.queued + self.in_flight)
+                + self.queued + self.in_flight + self.dropped_by_retention)
 
     @property
     def difference(self) -> int:
@@ -85,8 +88,8 @@ def unstaged_batch_orders(client: redis.Redis, keys: RedisKeys,
 
 def check_conservation(client: redis.Redis, keys: RedisKeys,
                        conn: psycopg.Connection) -> Conservation:
-    (orders, conflicts, rejected, duplicates, awaiting,
-     quarantined) = conn.execute(_LEDGER_TOTALS).fetchone()
+    (orders, conflicts, rejected, duplicates, awaiting, quarantined,
+     dropped) = conn.execute(_LEDGER_TOTALS).fetchone()
     conn.rollback()
     in_flight = unstaged_batch_orders(client, keys, conn)
     accepted = redriven = replayed = queued = 0
@@ -105,4 +108,4 @@ def check_conservation(client: redis.Redis, keys: RedisKeys,
         promotion_conflicts=int(conflicts),
         rejected=int(rejected), duplicates_dropped=int(duplicates),
         awaiting_promotion=int(awaiting), quarantined=int(quarantined), queued=int(queued),
-        in_flight=in_flight)
+        in_flight=in_flight, dropped_by_retention=int(dropped))

@@ -33,7 +33,8 @@ from orders_pipeline.redis_patterns.signals import REFUSED_COUNTER
 from orders_pipeline.settings import Settings
 
 CONSERVATION_TERMS = ("orders", "promotion_conflicts", "rejected", "duplicates_dropped",
-                      "awaiting_promotion", "quarantined", "queued", "in_flight")
+                      "awaiting_promotion", "quarantined", "queued", "in_flight",
+                      "dropped_by_retention")
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 _ROW_COUNTS = {"staging_rows": "orders_staging", "orders_rows": "orders",
                "rejected_rows": "orders_rejected",

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from types import FrameType
 from typing import TypeVar
 
@@ -31,8 +32,14 @@ from orders_pipeline import transform
 from orders_pipeline.connections import TRANSIENT_REDIS_ERRORS, pg_pool, redis_client
 from orders_pipeline.faults import crash_point
 from orders_pipeline.postgres_patterns.archive import RawBatch
+from orders_pipeline.postgres_patterns.partitions import retention_horizon
 from orders_pipeline.postgres_patterns.replay import is_replay_batch
-from orders_pipeline.postgres_patterns.staging import StageOutcome, StagingBatch, stage_batch
+from orders_pipeline.postgres_patterns.staging import (
+    StageOutcome,
+    StagingBatch,
+    before_horizon,
+    stage_batch,
+)
 from orders_pipeline.redis_patterns.dedup import DedupWindow
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache, LookupCacheMissing
@@ -52,6 +59,8 @@ LEASE_POLL_SECONDS = 0.1
 # again (orders pushed without a signal, leases running out, a stop request).
 FOLLOW_WAIT_SECONDS = 1.0
 STOP_CHECK_SECONDS = 0.1
+# How long a worker trusts the retention horizon it read (staging checks it again, locked).
+HORIZON_TTL_SECONDS = 30.0
 
 
 @dataclass
@@ -217,6 +226,17 @@ class StagingWorker:
         self.lookups = LookupCache(self.client, self.keys, tuning.lookup_ttl_seconds)
         self.window = OrderRateWindow(self.client, self.keys)
         self.owner = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._horizon: tuple[float, date | None] | None = None  # (read at, horizon)
+
+    def _retention_horizon(self) -> date | None:
+        """The retention horizon, read from Postgres at most every HORIZON_TTL_SECONDS.
+        Orders before it are rejected before the dedup window marks their ids; `stage_batch`
+        checks again under the retention lock, which covers a horizon moved meanwhile."""
+        now = time.monotonic()
+        if self._horizon is None or now - self._horizon[0] > HORIZON_TTL_SECONDS:
+            with pg_pool(self.settings.postgres).connection() as conn, conn.transaction():
+                self._horizon = (now, retention_horizon(conn))
+        return self._horizon[1]
 
     def next_batch(self, batch_size: int) -> ClaimedBatch | None:
         """A batch whose worker died comes first; then fresh orders from the queue."""
@@ -231,6 +251,10 @@ class StagingWorker:
         valid, invalid = transform.validate_values(parsed.rows)
         lookups = self._fetch_lookups(transform.lookup_ids(valid))
         enriched, unknown = transform.enrich(valid, lookups)
+        horizon = self._retention_horizon()
+        expired = pl.DataFrame(schema=transform.REJECT_SCHEMA)
+        if horizon is not None:
+            enriched, expired = before_horizon(enriched, payloads, horizon)
         replay = is_replay_batch(batch.batch_id)
         if replay:  # promotion tells which copy landed, not the dedup window
             staged = enriched.unique(subset="order_id", keep="first", maintain_order=True)
@@ -243,6 +267,7 @@ class StagingWorker:
         rejects = pl.concat([
             parsed.rejects,
             transform.rejects_from(pl.concat([invalid, unknown]), payloads),
+            expired,
         ])
         duplicates = enriched.height - staged.height
         # A replay batch's bytes are archived already, under the batch it replays.

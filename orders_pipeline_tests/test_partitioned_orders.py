@@ -17,6 +17,7 @@ from psycopg import sql
 
 from orders_pipeline import pipeline
 from orders_pipeline.assets.retention import retention_job
+from orders_pipeline.conservation import check_conservation
 from orders_pipeline.postgres_patterns import partitions
 from orders_pipeline.postgres_patterns.partitions import (
     HORIZON_REASON,
@@ -184,8 +185,9 @@ def test_retention_drops_whole_months_everywhere_and_rejects_later_copies(
     assert_exact(pg)
 
     # A late copy of a dropped order dated before the horizon is rejected with the reason,
-    # byte for byte; one dated after it is a new order again (its id was forgotten). The
-    # dedup window, which would drop both as copies, is cleared first.
+    # byte for byte, before the dedup window marks its id; a copy dated after the horizon is
+    # then a new order again (its id was forgotten). The window, which would drop the late
+    # copy as a copy of the original, is cleared first.
     old = json.loads(payloads[0])
     late = json.dumps(old).encode()
     again = json.dumps({**old, "order_timestamp": f"{horizon:%Y-%m}-02T00:00:00Z"}).encode()
@@ -195,13 +197,14 @@ def test_retention_drops_whole_months_everywhere_and_rejects_later_copies(
     reason = HORIZON_REASON.format(horizon=horizon.isoformat())
     assert pg.execute("SELECT batch_position, raw_payload, order_id FROM orders_rejected"
                       " WHERE reason = %s", (reason,)).fetchall() == [(0, late, old["order_id"])]
-    dedup.clear()
-    _stage(settings, rconn, [again])
+    _stage(settings, rconn, [again])  # not dropped as a copy of the rejected one
     assert pipeline.promote_staged(settings).inserted_rows == 1
     assert guard(pg)[old["order_id"]] == datetime(horizon.year, horizon.month, 2, tzinfo=UTC)
     assert_guard_matches_orders(pg)
     refresh_views(pg)
     assert_exact(pg)
+    books = check_conservation(rconn, RedisKeys.of(settings.redis), pg)
+    assert books.dropped_by_retention == 90 and books.balanced, books.as_dict()
 
 
 def test_retention_refuses_while_older_orders_wait_and_for_a_future_horizon(
@@ -223,7 +226,8 @@ def test_retention_refuses_while_older_orders_wait_and_for_a_future_horizon(
     for argv, fragment in [
             (["retention"], "give exactly one of --before YYYY-MM and --keep-months N"),
             (["retention", "--before", "2024-13"], "is not a month as YYYY-MM"),
-            (["retention", "--keep-months", "0"], "0 is not in the range x>=1"),
+            (["retention", "--keep-months", "0"], "0 is not in the range 1<=x<=1200"),
+            (["retention", "--keep-months", "99999999999999999999"], "not in the range"),
             (["retention", "--keep-months", "1"], "1 staged orders are dated before")]:
         code, _, err = cli(capsys, *argv)
         [line] = err.strip().splitlines()  # usage errors name the subcommand

@@ -16,7 +16,11 @@ from pydantic import Field
 from orders_pipeline.assets.common import RETRY, permanent_failure, retried_only_if_transient
 from orders_pipeline.jobs import RUN_KIND_TAG
 from orders_pipeline.pipeline import apply_retention
-from orders_pipeline.postgres_patterns.partitions import RetentionRefused, horizon_keeping
+from orders_pipeline.postgres_patterns.partitions import (
+    MAX_KEEP_MONTHS,
+    RetentionRefused,
+    horizon_keeping,
+)
 from orders_pipeline.resources import (
     PipelineResource,
     PostgresResource,
@@ -29,7 +33,8 @@ class RetentionConfig(dg.Config):
     """The horizon: exactly one of `keep_months` and `before`."""
 
     keep_months: int | None = Field(
-        default=None, ge=1, description="keep the current UTC month and the N-1 before it")
+        default=None, ge=1, le=MAX_KEEP_MONTHS,
+        description="keep the current UTC month and the N-1 before it")
     before: str | None = Field(
         default=None, pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$",
         description="drop every month before this one, YYYY-MM")
@@ -63,7 +68,7 @@ def retention_op(context: dg.OpExecutionContext, config: RetentionConfig,
     except (ValueError, RetentionRefused) as exc:
         raise permanent_failure("retention", str(exc)) from exc
     verb = "would drop" if result.dry_run else "dropped"
-    context.log.info(f"retention before {result.horizon:%Y-%m}: {verb} "
+    context.log.info(f"retention before {result.horizon.isoformat()[:7]}: {verb} "
                      f"{len(result.partitions)} month partitions ({result.orders} orders)")
     context.add_output_metadata({
         "horizon": result.horizon.isoformat(), "dry_run": result.dry_run,

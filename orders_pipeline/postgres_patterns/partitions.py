@@ -53,8 +53,9 @@ class Partition:
 
 @dataclass
 class RetentionResult:
-    """What retention dropped (or, with dry_run, would drop): the horizon, the partitions by
-    name, the orders in them, the ids removed from `order_ids`, the month views dropped."""
+    """What retention dropped (or, with dry_run, would drop): the horizon in force after it
+    (a later one set before is kept), the partitions by name, the orders in them, the ids
+    removed from `order_ids`, the month views dropped."""
     horizon: date
     dry_run: bool
     partitions: list[str] = field(default_factory=list)
@@ -75,11 +76,14 @@ def month_of(instant: datetime | date) -> date:
     return date(instant.year, instant.month, 1)
 
 
+MAX_KEEP_MONTHS = 1200  # a hundred years
+
+
 def horizon_keeping(months: int, now: datetime | None = None) -> date:
     """The retention horizon that keeps the current UTC month (of `now`, default now) and the
-    `months` - 1 before it; ValueError if `months` < 1."""
-    if months < 1:
-        raise ValueError(f"months to keep must be at least 1, not {months}")
+    `months` - 1 before it; ValueError unless 1 <= `months` <= MAX_KEEP_MONTHS."""
+    if not 1 <= months <= MAX_KEEP_MONTHS:
+        raise ValueError(f"months to keep must be 1 to {MAX_KEEP_MONTHS}, not {months}")
     this = month_of(now or datetime.now(UTC))
     index = this.year * 12 + this.month - 1 - (months - 1)
     return date(index // 12, index % 12 + 1, 1)
@@ -170,20 +174,23 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
                 f"{waiting} staged orders are dated before {horizon} and wait for promotion; "
                 "run `orders-pipeline promote`, then retention again")
         doomed = [p for p in partitions(conn) if p.month < horizon]
-        for partition in doomed:
+        for partition in doomed:  # counted exactly: a term of conservation
             relation = sql.Identifier(partition.name)
             result.orders += int(conn.execute(
                 sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()[0])
-            result.ids += conn.execute(
-                sql.SQL("DELETE FROM order_ids g USING {} p WHERE g.order_id = p.order_id"
-                        " AND g.order_timestamp = p.order_timestamp").format(relation)).rowcount
             conn.execute(sql.SQL("DROP TABLE {}").format(relation))
             result.partitions.append(partition.name)
+        # Every id dated before the horizon, also one whose partition went by hand.
+        result.ids = conn.execute("DELETE FROM order_ids WHERE order_timestamp < %s",
+                                  (datetime(horizon.year, horizon.month, 1, tzinfo=UTC),)
+                                  ).rowcount
         result.view_slices = drop_slices_before(conn, horizon)
-        conn.execute(
-            "INSERT INTO orders_retention (horizon) VALUES (%s) ON CONFLICT (singleton)"
-            " DO UPDATE SET horizon = greatest(orders_retention.horizon, EXCLUDED.horizon),"
-            " applied_at = now()", (horizon,))
+        result.horizon = conn.execute(
+            "INSERT INTO orders_retention (horizon, dropped_orders) VALUES (%s, %s)"
+            " ON CONFLICT (singleton) DO UPDATE SET"
+            " horizon = greatest(orders_retention.horizon, EXCLUDED.horizon),"
+            " dropped_orders = orders_retention.dropped_orders + EXCLUDED.dropped_orders,"
+            " applied_at = now() RETURNING horizon", (horizon, result.orders)).fetchone()[0]
         if dry_run:
             raise psycopg.Rollback()  # leaves the block, rolled back; nothing raised
     return result

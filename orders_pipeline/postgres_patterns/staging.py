@@ -78,24 +78,23 @@ class StagingBatch:
     payloads: Sequence[bytes] = ()
 
 
-def _before_horizon(batch: StagingBatch, horizon: date) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The batch's rows and rejects after rejecting the rows dated before `horizon`
-    (`partitions.HORIZON_REASON`): their months were dropped by retention."""
+def before_horizon(rows: pl.DataFrame, payloads: Sequence[bytes], horizon: date
+                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split transformed rows (with `batch_position`, `order_id`, `order_timestamp`) at the
+    retention horizon: (the rows dated from `horizon` on, reject rows (transform's
+    REJECT_SCHEMA: `partitions.HORIZON_REASON`, the raw payload by position from `payloads`,
+    b"" where missing) for the rows dated before it, whose months retention dropped)."""
     start = datetime(horizon.year, horizon.month, 1, tzinfo=UTC)
     late = pl.col("order_timestamp") < pl.lit(start, dtype=pl.Datetime("us", "UTC"))
-    expired = batch.rows.filter(late)
-    if not expired.height:
-        return batch.rows, batch.rejects
+    expired = rows.filter(late)
     positions = expired["batch_position"].to_list()
     rejected = pl.DataFrame({
         "batch_position": positions,
-        "raw_payload": [batch.payloads[p] if p < len(batch.payloads) else b""
-                        for p in positions],
+        "raw_payload": [payloads[p] if p < len(payloads) else b"" for p in positions],
         "reason": [HORIZON_REASON.format(horizon=horizon.isoformat())] * len(positions),
         "order_id": expired["order_id"],
     }, schema=REJECT_SCHEMA)
-    kept = [batch.rejects] if batch.rejects.height else []
-    return batch.rows.filter(~late), pl.concat([*kept, rejected])
+    return (rows.filter(~late) if positions else rows), rejected
 
 
 def rows_to_csv(rows: pl.DataFrame, batch_id: str) -> bytes:
@@ -119,8 +118,11 @@ def stage_batch(conn: psycopg.Connection, batch: StagingBatch) -> StageOutcome:
         # (pipeline.reconcile_batches), like one whose UNLOGGED rows the crash emptied.
         conn.execute("SET LOCAL synchronous_commit = off")
         horizon = conn.execute(_HORIZON, (RETENTION_LOCK,)).fetchone()[1]
-        rows, rejects = (_before_horizon(batch, horizon) if horizon is not None
-                         else (batch.rows, batch.rejects))
+        rows, rejects = batch.rows, batch.rejects
+        if horizon is not None:  # the worker checked too, against a horizon read earlier
+            rows, late = before_horizon(batch.rows, batch.payloads, horizon)
+            if late.height:
+                rejects = pl.concat([*([rejects] if rejects.height else []), late])
         params = {"batch_id": batch.batch_id, "claimed": batch.claimed,
                   "staged": rows.height, "rejected": rejects.height,
                   "duplicates": batch.duplicates, "shard": batch.shard}

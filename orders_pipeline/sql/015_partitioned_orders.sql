@@ -83,8 +83,9 @@ END $$;
 
 -- TRUNCATE orders (the whole table) empties the guard too (by DELETE: a TRUNCATE here would
 -- collide with a TRUNCATE statement that names both tables). A partition truncated or
--- dropped by hand leaves its ids in the guard: later copies of them are refused, never
--- doubled.
+-- dropped by hand leaves its ids in the guard: the next copy of such an id is refused (and,
+-- if dated as the stored row was, its refusal frees the id), never doubled; retention
+-- removes every id dated before its horizon, whatever became of its row.
 CREATE OR REPLACE FUNCTION order_ids_truncate() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -114,11 +115,13 @@ BEGIN
 END $$;
 
 -- The retention horizon: orders dated before `horizon` (a first of a month, UTC) were dropped
--- and are rejected when staged. One row at most.
+-- and are rejected when staged; `dropped_orders` counts every order retention dropped (a term
+-- of conservation). One row at most.
 CREATE TABLE IF NOT EXISTS orders_retention (
-    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    horizon    date NOT NULL CHECK (extract(day FROM horizon) = 1),
-    applied_at timestamptz NOT NULL DEFAULT now()
+    singleton      boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    horizon        date NOT NULL CHECK (extract(day FROM horizon) = 1),
+    applied_at     timestamptz NOT NULL DEFAULT now(),
+    dropped_orders bigint NOT NULL DEFAULT 0
 );
 
 -- The partition of `orders` for the UTC month of `month` (a name, not yet a relation).
