@@ -497,12 +497,14 @@ PROMOTED_ORDERS = dg.AssetSpec(
     deps=[STAGED_ORDERS],
     freshness_policy=INGEST_FRESHNESS,
     description="""
-**Orders**: `orders_staging` validated and promoted into the table `orders` (primary key
-`order_id`, indexed by `order_timestamp`).
+**Orders**: `orders_staging` validated and promoted into the table `orders`, partitioned by
+UTC month of `order_timestamp` (partitions created ahead); the guard `order_ids` keeps every
+`order_id` stored once across the months.
 
-Whole batches move in one transaction under an advisory lock, with
-`ON CONFLICT (order_id) DO NOTHING`, deleting exactly the staging rows they took and adding
-the inserted orders to the rollups; then the batches are released from Redis. Batches whose
+Whole batches move in one transaction under an advisory lock, inserting with
+`ON CONFLICT DO NOTHING` into `orders` and the guard (a copy of a stored order, however dated,
+does not land), deleting exactly the staging rows they took and adding the orders that landed
+to the rollups; then the batches are released from Redis. Batches whose
 staged rows a Postgres crash erased are sent back to the queue. A poison batch (its promotion
 fails for a reason retrying cannot fix) is quarantined with its error and raw payloads, and
 the others are promoted: see the check `no_quarantined_batches` and `orders-pipeline
