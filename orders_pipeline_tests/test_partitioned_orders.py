@@ -58,6 +58,11 @@ def partition_months(pg: psycopg.Connection) -> set[date]:
     return {p.month for p in partitions.partitions(pg)}
 
 
+def partition_name(pg: psycopg.Connection, month: date | datetime) -> str:
+    """The partition of `orders` for the UTC month of `month` (sql/015's naming function)."""
+    return pg.execute("SELECT orders_partition_name(%s)", (month_of(month),)).fetchone()[0]
+
+
 def guard(pg: psycopg.Connection) -> dict[str, datetime]:
     return dict(pg.execute("SELECT order_id, order_timestamp FROM order_ids").fetchall())
 
@@ -286,7 +291,7 @@ def test_retention_job_reports_and_refuses_without_retries(
     metadata = {k: v.value for k, v in output.step_output_data.metadata.items()}
     assert (metadata["horizon"], metadata["orders"], metadata["ids"], metadata["dry_run"]) == (
         _months_back(1).isoformat(), 20, 20, False)
-    assert metadata["partitions"] == [partitions.orders_partition_name(months[0])]
+    assert metadata["partitions"] == [partition_name(pg, months[0])]
     assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 20
 
     for config, fragment in [({"before": "2999-01"}, "lies after the current month"),
@@ -308,7 +313,7 @@ def test_guard_follows_deletes_and_truncate_and_a_stale_guard_never_blocks(
     # A partition emptied by hand (no trigger fires) leaves its ids in the guard: a copy of
     # "c" is then refused, never doubled, and the batch beside it is promoted.
     pg.execute(sql.SQL("TRUNCATE {}").format(
-        sql.Identifier(partitions.orders_partition_name(month_of(START + timedelta(days=40))))))
+        sql.Identifier(partition_name(pg, START + timedelta(days=40)))))
     stage_all(pg, catalog, [("two", 0, [Copy("a", 11, 0, 1, 500, 5), Copy("c", 13, 0, 1, 500,
                                                                            40 * DAY)])])
     result = promote_round(pg)

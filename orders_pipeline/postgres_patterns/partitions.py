@@ -76,6 +76,17 @@ def month_of(instant: datetime | date) -> date:
     return date(instant.year, instant.month, 1)
 
 
+def add_months(month: date, count: int) -> date:
+    """The first day of the month `count` months after (before, if negative) `month`'s."""
+    index = month.year * 12 + month.month - 1 + count
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def month_start(month: date) -> datetime:
+    """The first instant of `month` (any day of it) in UTC: where its partition begins."""
+    return datetime(month.year, month.month, 1, tzinfo=UTC)
+
+
 MAX_KEEP_MONTHS = 1200  # a hundred years
 
 
@@ -84,15 +95,7 @@ def horizon_keeping(months: int, now: datetime | None = None) -> date:
     `months` - 1 before it; ValueError unless 1 <= `months` <= MAX_KEEP_MONTHS."""
     if not 1 <= months <= MAX_KEEP_MONTHS:
         raise ValueError(f"months to keep must be 1 to {MAX_KEEP_MONTHS}, not {months}")
-    this = month_of(now or datetime.now(UTC))
-    index = this.year * 12 + this.month - 1 - (months - 1)
-    return date(index // 12, index % 12 + 1, 1)
-
-
-def orders_partition_name(month: date) -> str:
-    """The partition of `orders` for `month` (any day of it), e.g. `orders_p202611` (the same
-    rule as the SQL function of that name)."""
-    return f"orders_p{month.year:04d}{month.month:02d}"
+    return add_months(month_of(now or datetime.now(UTC)), 1 - months)
 
 
 def ensure_months(conn: psycopg.Connection, months: list[date]) -> int:
@@ -107,22 +110,19 @@ def ensure_months(conn: psycopg.Connection, months: list[date]) -> int:
 
 def missing_months(conn: psycopg.Connection, months: list[date]) -> list[date]:
     """Of `months` (firsts of months), those without a partition and not before the
-    retention horizon, ascending; takes no lock."""
+    retention horizon, ascending (the SQL function `orders_missing_months`, which
+    `orders_ensure_months` creates from); takes no lock."""
     if not months:
         return []
-    return [row[0] for row in conn.execute(
-        "SELECT m FROM unnest(%s::date[]) AS m"
-        " WHERE to_regclass(quote_ident(orders_partition_name(m))) IS NULL"
-        " AND m >= coalesce((SELECT horizon FROM orders_retention), '-infinity'::date)"
-        " ORDER BY m", (sorted(set(months)),))]
+    return [row[0] for row in conn.execute("SELECT orders_missing_months(%s::date[])",
+                                           (sorted(set(months)),))]
 
 
 def ensure_ahead(conn: psycopg.Connection, months_ahead: int = PARTITIONS_AHEAD) -> int:
     """Create the partitions of this UTC month and the `months_ahead` after it; committed
     here. Returns how many were created."""
     this = month_of(datetime.now(UTC))
-    months = [date(this.year + (this.month - 1 + n) // 12, (this.month - 1 + n) % 12 + 1, 1)
-              for n in range(months_ahead + 1)]
+    months = [add_months(this, n) for n in range(months_ahead + 1)]
     with conn.transaction():
         return ensure_months(conn, months)
 
@@ -163,12 +163,12 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
             f"retention horizon {horizon} lies after the current month: it would drop orders "
             "still arriving; give this month or an earlier one")
     result = RetentionResult(horizon, dry_run)
+    start = month_start(horizon)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (RETENTION_LOCK,))
         waiting = conn.execute("SELECT count(*) FROM orders_staging WHERE order_timestamp < %s",
-                               (datetime(horizon.year, horizon.month, 1, tzinfo=UTC),)
-                               ).fetchone()[0]
+                               (start,)).fetchone()[0]
         if waiting:
             raise RetentionRefused(
                 f"{waiting} staged orders are dated before {horizon} and wait for promotion; "
@@ -182,8 +182,7 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
             result.partitions.append(partition.name)
         # Every id dated before the horizon, also one whose partition went by hand.
         result.ids = conn.execute("DELETE FROM order_ids WHERE order_timestamp < %s",
-                                  (datetime(horizon.year, horizon.month, 1, tzinfo=UTC),)
-                                  ).rowcount
+                                  (start,)).rowcount
         result.view_slices = drop_slices_before(conn, horizon)
         result.horizon = conn.execute(
             "INSERT INTO orders_retention (horizon, dropped_orders) VALUES (%s, %s)"

@@ -9,7 +9,7 @@ transaction that first writes the ledger row also archives the batch's raw paylo
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date
 from enum import StrEnum
 
 import polars as pl
@@ -18,8 +18,12 @@ import psycopg
 from orders_pipeline import contract
 from orders_pipeline.faults import crash_point
 from orders_pipeline.postgres_patterns.archive import RawBatch, archive
-from orders_pipeline.postgres_patterns.partitions import HORIZON_REASON, RETENTION_LOCK
-from orders_pipeline.transform import REJECT_SCHEMA
+from orders_pipeline.postgres_patterns.partitions import (
+    HORIZON_REASON,
+    RETENTION_LOCK,
+    month_start,
+)
+from orders_pipeline.transform import REJECT_SCHEMA, rejects_from
 
 STAGING_COLUMNS = ("batch_id", "batch_position", *contract.ORDER_COLUMNS)
 _COPY_STAGING = f"COPY orders_staging ({', '.join(STAGING_COLUMNS)}) FROM STDIN (FORMAT csv)"
@@ -82,19 +86,18 @@ def before_horizon(rows: pl.DataFrame, payloads: Sequence[bytes], horizon: date
                    ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split transformed rows (with `batch_position`, `order_id`, `order_timestamp`) at the
     retention horizon: (the rows dated from `horizon` on, reject rows (transform's
-    REJECT_SCHEMA: `partitions.HORIZON_REASON`, the raw payload by position from `payloads`,
-    b"" where missing) for the rows dated before it, whose months retention dropped)."""
-    start = datetime(horizon.year, horizon.month, 1, tzinfo=UTC)
-    late = pl.col("order_timestamp") < pl.lit(start, dtype=pl.Datetime("us", "UTC"))
+    REJECT_SCHEMA: `partitions.HORIZON_REASON`, the raw payload by position from `payloads`
+    as `transform.rejects_from` attaches it, b"" where missing) for the rows dated before it,
+    whose months retention dropped)."""
+    late = pl.col("order_timestamp") < pl.lit(month_start(horizon),
+                                              dtype=pl.Datetime("us", "UTC"))
     expired = rows.filter(late)
-    positions = expired["batch_position"].to_list()
-    rejected = pl.DataFrame({
-        "batch_position": positions,
-        "raw_payload": [payloads[p] if p < len(payloads) else b"" for p in positions],
-        "reason": [HORIZON_REASON.format(horizon=horizon.isoformat())] * len(positions),
-        "order_id": expired["order_id"],
-    }, schema=REJECT_SCHEMA)
-    return (rows.filter(~late) if positions else rows), rejected
+    if not expired.height:
+        return rows, pl.DataFrame(schema=REJECT_SCHEMA)
+    reasons = expired.select("batch_position", "order_id", pl.lit(
+        HORIZON_REASON.format(horizon=horizon.isoformat())).alias("reason"))
+    missing = int(expired["batch_position"].max()) + 1 - len(payloads)
+    return rows.filter(~late), rejects_from(reasons, [*payloads, *[b""] * missing])
 
 
 def rows_to_csv(rows: pl.DataFrame, batch_id: str) -> bytes:

@@ -349,10 +349,10 @@ def drop_slices_before(conn: psycopg.Connection, horizon: date) -> list[str]:
     views are taken out of the dashboard views and dropped, their rollup rows deleted and
     their stale marks cleared. Returns the month views dropped, by view and month.
 
-    Takes PROMOTE_LOCK exclusively (no promotion adds to those rollup rows meanwhile) and
-    each view's refresh lock exclusively (no refresh of a month being dropped)."""
+    The caller holds PROMOTE_LOCK exclusively (no promotion adds to those rollup rows
+    meanwhile); this takes each view's refresh lock exclusively (no refresh of a month being
+    dropped)."""
     horizon = validated_month(horizon)
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
     dropped: list[str] = []
     for view in VIEWS:
         shape = _view(view)

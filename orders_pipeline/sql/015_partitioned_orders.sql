@@ -129,23 +129,33 @@ CREATE OR REPLACE FUNCTION orders_partition_name(month date) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT 'orders_p' || to_char(date_trunc('month', month), 'YYYYMM') $$;
 
--- Create the partitions of `orders` missing for the months of `months` (any day of a month
--- stands for it), except months before the retention horizon; returns how many it created.
--- Checks without a lock first: the usual call, where every month exists, takes none. A
--- creation is serialised by an advisory lock (two creators of one month would otherwise
--- collide in the catalog) and locks `orders` until the caller commits.
+-- The months of `months` (any day of a month stands for it; firsts of months returned,
+-- ascending) that have no partition of `orders` and are not before the retention horizon.
+-- Takes no lock.
+CREATE OR REPLACE FUNCTION orders_missing_months(months date[]) RETURNS SETOF date
+LANGUAGE sql STABLE
+AS $$
+    SELECT DISTINCT date_trunc('month', m)::date FROM unnest(months) AS m
+    WHERE m IS NOT NULL
+      AND to_regclass(quote_ident(orders_partition_name(m))) IS NULL
+      AND date_trunc('month', m)::date
+          >= coalesce((SELECT horizon FROM orders_retention), '-infinity'::date)
+    ORDER BY 1
+$$;
+
+-- Create the partitions of `orders` missing for the months of `months` (as
+-- `orders_missing_months`); returns how many it created. Checks without a lock first: the
+-- usual call, where every month exists, takes none. A creation is serialised by an advisory
+-- lock (two creators of one month would otherwise collide in the catalog) and locks `orders`
+-- until the caller commits.
 CREATE OR REPLACE FUNCTION orders_ensure_months(months date[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     month date;
-    horizon date := (SELECT r.horizon FROM orders_retention r);
     created integer := 0;
 BEGIN
-    FOR month IN SELECT DISTINCT date_trunc('month', m)::date FROM unnest(months) AS m
-                 WHERE m IS NOT NULL ORDER BY 1
+    FOR month IN SELECT orders_missing_months(months)
     LOOP
-        CONTINUE WHEN month < horizon
-            OR to_regclass(quote_ident(orders_partition_name(month))) IS NOT NULL;
         PERFORM pg_advisory_xact_lock(hashtext('orders_pipeline.orders_partitions'));
         BEGIN  -- another creator may have committed it while we waited for the lock
             EXECUTE format('CREATE TABLE %I PARTITION OF orders FOR VALUES FROM (%L) TO (%L)',
