@@ -43,6 +43,7 @@ from orders_pipeline.postgres_patterns.partitions import (
     MAX_KEEP_MONTHS,
     RetentionRefused,
     horizon_keeping,
+    parse_month,
 )
 from orders_pipeline.postgres_patterns.promotion import QuarantinedBatch, error_text
 from orders_pipeline.postgres_patterns.redrive import RedriveRefused, RejectFilter
@@ -149,10 +150,10 @@ class _Month(click.ParamType):
                 ctx: click.Context | None) -> date:
         if isinstance(value, date):
             return value
-        match = re.fullmatch(r"([0-9]{4})-([0-9]{2})", str(value).strip())
-        if match is None or not 1 <= int(match[2]) <= 12 or int(match[1]) < 1:
-            self.fail(f"{value!r} is not a month as YYYY-MM (e.g. 2024-01)", param, ctx)
-        return date(int(match[1]), int(match[2]), 1)
+        try:
+            return parse_month(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _batch_size_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

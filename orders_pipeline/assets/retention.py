@@ -20,6 +20,7 @@ from orders_pipeline.postgres_patterns.partitions import (
     MAX_KEEP_MONTHS,
     RetentionRefused,
     horizon_keeping,
+    parse_month,
 )
 from orders_pipeline.resources import (
     PipelineResource,
@@ -46,8 +47,7 @@ class RetentionConfig(dg.Config):
             raise ValueError("give exactly one of keep_months and before")
         if self.keep_months is not None:
             return horizon_keeping(self.keep_months)
-        year, month = str(self.before).split("-")
-        return date(int(year), int(month), 1)
+        return parse_month(str(self.before))
 
 
 @dg.op(

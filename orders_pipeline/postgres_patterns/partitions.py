@@ -15,6 +15,7 @@ forgotten with them: a copy of one that arrives later is rejected if it is dated
 horizon, and stored again if it is dated after it.
 """
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
@@ -74,6 +75,15 @@ def month_of(instant: datetime | date) -> date:
     if isinstance(instant, datetime):
         instant = instant.astimezone(UTC).date()
     return date(instant.year, instant.month, 1)
+
+
+def parse_month(text: str) -> date:
+    """`YYYY-MM` (year 0001 to 9999) as the first day of that month; ValueError otherwise.
+    The CLI's `--before` and the Dagster job's `before` read it."""
+    match = re.fullmatch(r"([0-9]{4})-([0-9]{2})", text.strip())
+    if match is None or not 1 <= int(match[2]) <= 12 or int(match[1]) < 1:
+        raise ValueError(f"{text!r} is not a month as YYYY-MM (e.g. 2024-01)")
+    return date(int(match[1]), int(match[2]), 1)
 
 
 def add_months(month: date, count: int) -> date:
