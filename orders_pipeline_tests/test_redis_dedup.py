@@ -13,7 +13,13 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from orders_pipeline.redis_patterns.dedup import FILL, MIN_BITS, STEP_BITS, DedupWindow
+from orders_pipeline.redis_patterns.dedup import (
+    FILL,
+    MIN_BITS,
+    STEP_BITS,
+    DedupWindow,
+    counted_minutes,
+)
 from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape
 
 
@@ -122,6 +128,31 @@ def test_the_previous_generation_is_consulted(rconn: redis.Redis, keys: RedisKey
     assert rconn.hget(keys.dedup_generation(window, marked_in), "ids") == b"2"
     assert generation(rconn, keys, window)[b"ids"] == b"1"
     assert dedup.size() == 3
+
+
+def test_a_mark_made_in_the_previous_minute_is_counted() -> None:
+    """The CI failure of stop 16: a 2 s window, ids marked at second 59 of a minute, size
+    asked at second 60 counted only the new minute (1 instead of 3)."""
+    assert list(counted_minutes(now=60, window_seconds=2)) == [0, 1]
+    assert list(counted_minutes(now=61, window_seconds=2)) == [0, 1]
+    assert list(counted_minutes(now=62, window_seconds=2)) == [1]
+    assert list(counted_minutes(now=7200, window_seconds=3600)) == list(range(60, 121))
+
+
+@given(now=st.integers(min_value=10**6, max_value=4 * 10**9),
+       window=st.integers(min_value=1, max_value=7 * 86_400),
+       age=st.integers(min_value=0, max_value=7 * 86_400))
+def test_size_counts_exactly_the_minutes_of_the_window(now: int, window: int, age: int) -> None:
+    """A mark made `age` seconds before `now` is counted iff it is within the window, up to
+    minute granularity: its minute is added when age <= window, and no minute that ended
+    before the window began is added."""
+    minutes = counted_minutes(now, window)
+    marked = now - age
+    if age <= window:
+        assert marked // 60 in minutes
+    if marked // 60 in minutes:
+        assert (marked // 60) * 60 + 59 >= now - window
+    assert minutes.stop == now // 60 + 1
 
 
 def test_marks_are_small_hashes_that_expire(rconn: redis.Redis, keys: RedisKeys) -> None:

@@ -143,6 +143,15 @@ def _digest(text: str, size: int) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=size).digest()
 
 
+def counted_minutes(now: int, window_seconds: int) -> range:
+    """The minutes (Unix seconds // 60) whose counters `DedupWindow.size` adds at Redis time
+    `now` (seconds): every minute holding a second of [now - window_seconds, now], so an id
+    marked in the window is counted even when its minute began before the window did (for a
+    window shorter than a minute, the previous minute too once `now` crosses into a new one).
+    Each counter lives window_seconds + 120 s after its last increment, so all are present."""
+    return range((now - window_seconds) // 60, now // 60 + 1)
+
+
 def _level_bits(levels: str) -> list[int]:
     """The bits of each level in a generation's `levels` field, newest first."""
     return [int(bits) for bits in levels.split(",")] if levels else []
@@ -221,8 +230,7 @@ class DedupWindow:
 
     def size(self) -> int:
         """Ids first seen within the window (minute granularity at its far edge)."""
-        now_minute = int(self.client.time()[0]) // 60
-        minutes = range(now_minute - self.window_seconds // 60, now_minute + 1)
+        minutes = counted_minutes(int(self.client.time()[0]), self.window_seconds)
         return sum(int(v) for space in self.spaces
                    for v in self.client.mget([space.dedup_count(m) for m in minutes])
                    if v is not None)
