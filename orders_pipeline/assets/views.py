@@ -17,7 +17,7 @@ import dagster as dg
 from psycopg import sql
 
 from orders_pipeline.assets import OWNERS
-from orders_pipeline.assets.common import RETRY, retried_only_if_transient, seconds
+from orders_pipeline.assets.common import RETRY, retried_only_if_transient_as, seconds
 from orders_pipeline.assets.orders import (
     INGEST_FRESHNESS,
     PRODUCT_DAILY_ROLLUP,
@@ -164,43 +164,37 @@ kept in the rollup table `product_daily_rollup`.
 (day, product_id), which a concurrent refresh needs, and one on (product_id, day).
 """
 
-with warnings.catch_warnings():
-    # `backfill_policy` is beta: a backfill of many months runs as one run (one process start)
-    # that refreshes them one after the other, instead of one run per month.
-    warnings.simplefilter("ignore", dg.BetaWarning)
+def _view_asset(view: str, rollup: dg.AssetKey, description: str,
+                column_schema: dg.TableSchema) -> dg.AssetsDefinition:
+    """The month-partitioned asset of the dashboard view `view`, fed by the rollup table
+    `rollup`: materializing a partition or a backfilled range refreshes those month views."""
+    with warnings.catch_warnings():
+        # `backfill_policy` is beta: a backfill of many months runs as one run (one process
+        # start) that refreshes them one after the other, instead of one run per month.
+        warnings.simplefilter("ignore", dg.BetaWarning)
 
-    @dg.asset(
-        group_name=VIEWS_GROUP,
-        owners=OWNERS,
-        kinds={"postgres"},
-        deps=[PROMOTED_ORDERS, SALES_HOURLY_ROLLUP],
-        partitions_def=VIEW_PARTITIONS,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        retry_policy=RETRY,
-        freshness_policy=INGEST_FRESHNESS,
-        description=_SALES_HOURLY,
-        metadata={"dagster/table_name": "sales_hourly",
-                  "dagster/column_schema": SALES_HOURLY_SCHEMA},
-    )
-    @retried_only_if_transient
-    def sales_hourly(context: dg.AssetExecutionContext,
-                     postgres: PostgresResource) -> dg.MaterializeResult:
-        return _refresh(context, postgres, "sales_hourly")
+        @dg.asset(
+            name=view,
+            group_name=VIEWS_GROUP,
+            owners=OWNERS,
+            kinds={"postgres"},
+            deps=[PROMOTED_ORDERS, rollup],
+            partitions_def=VIEW_PARTITIONS,
+            backfill_policy=dg.BackfillPolicy.single_run(),
+            retry_policy=RETRY,
+            freshness_policy=INGEST_FRESHNESS,
+            description=description,
+            metadata={"dagster/table_name": view, "dagster/column_schema": column_schema},
+        )
+        @retried_only_if_transient_as(view)
+        def refresh_view_months(context: dg.AssetExecutionContext,
+                                postgres: PostgresResource) -> dg.MaterializeResult:
+            return _refresh(context, postgres, view)
 
-    @dg.asset(
-        group_name=VIEWS_GROUP,
-        owners=OWNERS,
-        kinds={"postgres"},
-        deps=[PROMOTED_ORDERS, PRODUCT_DAILY_ROLLUP],
-        partitions_def=VIEW_PARTITIONS,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        retry_policy=RETRY,
-        freshness_policy=INGEST_FRESHNESS,
-        description=_PRODUCT_DAILY,
-        metadata={"dagster/table_name": "product_performance_daily",
-                  "dagster/column_schema": PRODUCT_DAILY_SCHEMA},
-    )
-    @retried_only_if_transient
-    def product_performance_daily(context: dg.AssetExecutionContext,
-                                  postgres: PostgresResource) -> dg.MaterializeResult:
-        return _refresh(context, postgres, "product_performance_daily")
+    return refresh_view_months
+
+
+sales_hourly = _view_asset("sales_hourly", SALES_HOURLY_ROLLUP, _SALES_HOURLY,
+                           SALES_HOURLY_SCHEMA)
+product_performance_daily = _view_asset("product_performance_daily", PRODUCT_DAILY_ROLLUP,
+                                        _PRODUCT_DAILY, PRODUCT_DAILY_SCHEMA)
