@@ -20,10 +20,12 @@ Redis comes in three shapes, chosen by `RedisSettings` (`redis_client`):
 """
 
 import atexit
+import logging
 import os
 import threading
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 import redis
@@ -93,6 +95,44 @@ HEALTH_CHECK_SECONDS = 30
 _lock = threading.Lock()
 _redis_clients: dict[tuple[int, RedisSettings], RedisClient] = {}
 _pg_pools: dict[tuple[int, PostgresSettings, bool], ConnectionPool] = {}
+
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Attempts of `retry_transient` before the error propagates: backoff 0.4, 0.8, 1.6, 3.2, 5 s
+# between them, about 11 s in all: a restart, a Sentinel failover or a slot moving settles
+# within it.
+TRANSIENT_ATTEMPTS = 6
+# A producer's push (`QueueShard.push_batch_once`) waits longer, about 36 s in all (five more
+# backoffs of 5 s): a failed-over Sentinel master refuses writes until its old master rejoins
+# as a replica, and a push given up is a batch the producer must keep and send again.
+PUSH_ATTEMPTS = 11
+
+
+def retry_transient(call: Callable[[], T], *, what: str,
+                    errors: tuple[type[BaseException], ...] = TRANSIENT_REDIS_ERRORS,
+                    attempts: int = TRANSIENT_ATTEMPTS,
+                    after_wait: Callable[[], None] | None = None) -> T:
+    """`call()`, retried through `errors` (transient server errors: a restart, a failover, a
+    slot moving) with exponential backoff (0.4 s doubling, at most 5 s), each logged as a
+    warning naming `what`; after `attempts` attempts the last error propagates, and any other
+    error at once. `after_wait` runs after each backoff (e.g. to extend a lease). `call` must
+    be safe to repeat: it may have taken effect before an error reached us."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except errors as exc:
+            if attempt >= attempts:
+                raise
+            delay = min(0.2 * 2**attempt, 5.0)
+            log.warning("%s: %s: %s; retry %d in %.1fs", what, type(exc).__name__, exc,
+                        attempt, delay)
+            time.sleep(delay)
+            if after_wait is not None:
+                after_wait()
 
 
 # How long a write the pipeline acts on may take to reach the replicas (`await_replication`).

@@ -29,7 +29,12 @@ import psycopg_pool
 import redis
 
 from orders_pipeline import transform
-from orders_pipeline.connections import TRANSIENT_REDIS_ERRORS, pg_pool, redis_client
+from orders_pipeline.connections import (
+    TRANSIENT_REDIS_ERRORS,
+    pg_pool,
+    redis_client,
+    retry_transient,
+)
 from orders_pipeline.faults import crash_point
 from orders_pipeline.postgres_patterns.archive import RawBatch
 from orders_pipeline.postgres_patterns.partitions import retention_horizon
@@ -49,7 +54,6 @@ from orders_pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-TRANSIENT_RETRIES = 6
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     *TRANSIENT_REDIS_ERRORS, psycopg.OperationalError, psycopg_pool.PoolTimeout)
 # How often a drain with nothing left to claim looks again at batches others hold: a
@@ -315,24 +319,8 @@ class StagingWorker:
     @staticmethod
     def _retried(call: Callable[[], T], what: str = "claim",
                  after_wait: Callable[[], None] | None = None) -> T:
-        """`call()`, retried through transient server errors (a restart, a failover, a slot
-        moving) with exponential backoff (0.4 s doubling, at most 5 s); after
-        TRANSIENT_RETRIES attempts the error propagates. `after_wait` runs after each
-        backoff (e.g. to extend a lease)."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return call()
-            except TRANSIENT_ERRORS as exc:
-                if attempt >= TRANSIENT_RETRIES:
-                    raise
-                delay = min(0.2 * 2**attempt, 5.0)
-                log.warning("%s: %s: %s; retry %d in %.1fs", what, type(exc).__name__, exc,
-                            attempt, delay)
-                time.sleep(delay)
-                if after_wait is not None:
-                    after_wait()
+        """`call()` through `retry_transient` with TRANSIENT_ERRORS (Redis's and Postgres's)."""
+        return retry_transient(call, what=what, errors=TRANSIENT_ERRORS, after_wait=after_wait)
 
     def drain(self, batch_size: int, max_batches: int | None = None,
               on_batch: Callable[[BatchReport], None] | None = None) -> WorkerStats:

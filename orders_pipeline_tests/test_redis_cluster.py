@@ -12,13 +12,13 @@ every accepted order is in `orders` exactly once (`assert_exactly_once`).
 """
 
 import contextlib
+import logging
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import IO
@@ -29,8 +29,8 @@ import redis
 import redis.cluster
 from redis.crc import key_slot
 
-from orders_pipeline import generator
-from orders_pipeline.connections import await_replication, close_all, pg_connect, redis_client
+from orders_pipeline import connections, generator
+from orders_pipeline.connections import close_all, pg_connect, redis_client
 from orders_pipeline.fanout import promoted_stream
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
@@ -145,28 +145,42 @@ def drained(client: redis.cluster.RedisCluster, keys: RedisKeys) -> bool:
     return client.llen(keys.ingestion) == 0 and client.zcard(keys.inflight) == 0
 
 
-# What a cluster answers while a slot moves or fails over: the command (or the whole MULTI)
-# was refused, nothing of it applied, so a producer may simply push the same batch again.
-REFUSALS = (redis.exceptions.TryAgainError, redis.exceptions.AskError,
-            redis.exceptions.MovedError, redis.exceptions.ClusterError)
+class PushRetries(logging.Handler):
+    """Counts the warnings `connections.retry_transient` logs for pushes in this process: each
+    is a push that met a transient error (a refusal, or a push no replica confirmed) and was
+    looked at again (`QueueShard.push_batch_once`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("push "):
+            self.count += 1
+
+
+@contextlib.contextmanager
+def counting_push_retries() -> Iterator[PushRetries]:
+    handler = PushRetries()
+    logger = logging.getLogger(connections.__name__)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
 
 
 class Producer(threading.Thread):
     """Pushes a batch of BATCH fresh orders every `pause` seconds until `stop()`, through the
-    settings' client, each exactly once however the servers change (`push_once`); counts in
-    `refused` the errors (`refusals`) it had to look again after."""
+    settings' client and the product's producer call (`OrderQueue.push_batch`: each batch
+    exactly once, however the servers change)."""
 
-    def __init__(self, settings: Settings, pg: psycopg.Connection, pause: float = 0.05,
-                 refusals: tuple[type[Exception], ...] = REFUSALS) -> None:
+    def __init__(self, settings: Settings, pg: psycopg.Connection, pause: float = 0.05) -> None:
         super().__init__(name="producer", daemon=True)
-        self.client = redis_client(settings.redis)
-        self.keys = RedisKeys.of(settings.redis)
-        self.queue = OrderQueue(self.client, self.keys)
+        self.queue = OrderQueue(redis_client(settings.redis), RedisKeys.of(settings.redis))
         self.refs = generator.References.load(pg)
         self.pause = pause
-        self.refusals = refusals
         self.pushed: list[bytes] = []
-        self.refused = 0
         self.error: BaseException | None = None
         self._stopping = threading.Event()
 
@@ -175,33 +189,11 @@ class Producer(threading.Thread):
             while not self._stopping.is_set():
                 payloads, _ = generator.build_payloads(self.refs, BATCH, duplicates=0.05,
                                                        invalid=0.02)
-                self.push_once(payloads)
+                self.queue.push_batch(payloads)
                 self.pushed += payloads
                 self._stopping.wait(self.pause)
         except BaseException as exc:  # reported by stop()
             self.error = exc
-
-    def push_once(self, payloads: list[bytes]) -> None:
-        """Push one batch so that it lands exactly once, as a careful producer does.
-
-        The push and its completion signal's marker `{P}:signal:<batch id>` are one MULTI,
-        and it counts once the replicas hold it (`await_replication`). After an error (a
-        refusal, or a push no replica confirmed) the marker, read on the master of the moment,
-        tells whether the push landed; if not, the batch is pushed again under its id.
-        """
-        batch_id = uuid.uuid4().hex
-        marker = self.keys.signal_seen(batch_id)
-        tried = False
-        while True:
-            try:
-                if not (tried and self.client.exists(marker)):
-                    tried = True
-                    self.queue.push_batch(payloads, batch_id=batch_id)
-                await_replication(self.client, f"{self.keys.prefix}:test:probe")
-                return
-            except self.refusals:
-                self.refused += 1
-                time.sleep(0.05)
 
     def halt(self) -> None:
         """Stop pushing and wait for the thread."""
@@ -218,22 +210,21 @@ class Producer(threading.Thread):
 
 
 def run_through_change(settings: Settings, pg: psycopg.Connection,
-                       change: Callable[[], object],
-                       refusals: tuple[type[Exception], ...] = REFUSALS) -> tuple[str, int]:
+                       change: Callable[[], object]) -> tuple[str, int]:
     """Push orders, let two following workers stage a few batches, then run `change` (which
-    reconfigures the servers) while they go on and a producer thread keeps pushing (again
-    after `refusals`); push more after it, wait until everything is staged, stop the workers,
-    promote, check `orders`.
+    reconfigures the servers) while they go on and a producer thread keeps pushing; push more
+    after it, wait until everything is staged, stop the workers, promote, check `orders`.
 
     The workers must still be running after the change and stop cleanly on SIGTERM.
-    Returns what the workers wrote and how many pushes were refused during the change.
+    Returns what the workers wrote and how many times the producer's pushes met a transient
+    error and were looked at again during the change.
     """
     client = redis_client(settings.redis)
     keys = RedisKeys.of(settings.redis)
     before, _ = push_orders(settings, client, pg, 10_000, batch_size=BATCH, seed=31,
                             duplicates=0.05, invalid=0.02)
-    producer = Producer(settings, pg, refusals=refusals)
-    with following(settings) as follower:
+    producer = Producer(settings, pg)
+    with following(settings) as follower, counting_push_retries() as retries:
         try:
             wait_for(lambda: staged_batches(client, keys) >= 4, "4 batches staged", 60)
             producer.start()
@@ -248,7 +239,7 @@ def run_through_change(settings: Settings, pg: psycopg.Connection,
             producer.halt()
     run_cli(settings, "promote")
     assert_exactly_once(settings, client, pg, before + during + after)
-    return output, producer.refused
+    return output, retries.count
 
 
 def transient_warnings(output: str) -> list[str]:

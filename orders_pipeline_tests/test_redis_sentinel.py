@@ -20,34 +20,47 @@ two ways:
   about one failover in ten). So the pipeline acts on a write (a claim it stages, dedup
   marks, a push it acknowledges) only once the replica holds it
   (`connections.await_replication`, WAIT), and the producer pushes each batch exactly once
-  (`Producer.push_once`).
+  (`QueueShard.push_batch_once`: `test_a_push_no_replica_confirmed_lands_once`).
 
 With both, the workers ride the pause out and every accepted order lands exactly once
 (`test_sentinel_failover_mid_run`).
 """
 
+import json
+import os
+import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 
 import psycopg
 import pytest
 import redis
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from orders_pipeline.connections import close_all, pg_connect, redis_client
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
 from orders_pipeline_tests.helpers import wait_for
 from orders_pipeline_tests.servers import (
     HOST,
     RedisSentinelGroup,
+    RedisServer,
     SentinelGroupFactory,
     free_port,
     probing,
 )
-from orders_pipeline_tests.test_redis_cluster import run_through_change, transient_warnings
+from orders_pipeline_tests.test_redis_cluster import (
+    counting_push_retries,
+    run_through_change,
+    transient_warnings,
+)
 
 # What every data node of a group that must not lose acknowledged writes is started with.
 NO_LOSS = ("--min-replicas-to-write", "1")
@@ -92,11 +105,10 @@ def test_sentinel_failover_mid_run(on_sentinel: Settings, no_loss_group: RedisSe
     def failover() -> None:
         promoted.append(no_loss_group.failover().port)
 
-    # ConnectionError: a refusal (NOREPLICAS, READONLY: nothing applied) or a push no replica
-    # confirmed (NotReplicated); Producer.push_once reads the batch's marker before pushing it
-    # again.
-    output, refused = run_through_change(on_sentinel, pg, failover,
-                                         refusals=(redis.ConnectionError,))
+    # Pushes meet ConnectionError: a refusal (NOREPLICAS, READONLY: nothing applied) or a push
+    # no replica confirmed (NotReplicated); `push_batch_once` reads the batch's marker before
+    # pushing it again.
+    output, refused = run_through_change(on_sentinel, pg, failover)
     print(f"\npushes refused during the failover: {refused}; worker warnings:\n"
           + "\n".join(transient_warnings(output)[-20:]))
     assert promoted and promoted[0] != old.port
@@ -145,3 +157,83 @@ def test_without_min_replicas_a_failover_loses_acknowledged_writes(
           f"(old master {old.port}, new {new.port})")
     assert lost, "the old master took no write after the failover"
     assert group.master_port() == new.port != old.port
+
+
+def stalled_replica_push(client: redis.Redis, keys: RedisKeys, replica: RedisServer,
+                         stall: float, size: int) -> tuple[str, list[bytes], int]:
+    """Stop `replica` (SIGSTOP), push a batch of `size` orders through the product's producer
+    call, let the replica go on after `stall` seconds. Returns the batch id, its payloads and
+    the push retries logged."""
+    payloads = [json.dumps({"order_id": uuid.uuid4().hex, "n": i}).encode()
+                for i in range(size)]
+    assert replica.process is not None
+    pid = replica.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(stall, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        with counting_push_retries() as retries:
+            batch_id = OrderQueue(client, keys).push_batch(payloads)
+    finally:
+        resume.cancel()
+        os.kill(pid, signal.SIGCONT)
+    return batch_id, payloads, retries.count
+
+
+def assert_queued_once(client: redis.Redis, keys: RedisKeys, batch_id: str,
+                       payloads: list[bytes]) -> None:
+    """The batch's orders are in the queue once each, counted once, with one signal."""
+    queued = client.lrange(keys.ingestion, 0, -1)
+    assert sorted(p for p in queued if p in set(payloads)) == sorted(payloads)
+    signals = [entry for _, entry in client.xrange(keys.signals_stream)
+               if batch_id.encode() in entry[b"data"]]
+    assert len(signals) == 1
+
+
+@pytest.fixture
+def sentinel_queue(settings: Settings, redis_sentinel_groups: SentinelGroupFactory
+                   ) -> Iterator[tuple[redis.Redis, RedisKeys, RedisServer]]:
+    """A client of a Sentinel group without NO_LOSS (its master takes writes while the replica
+    stalls), the test's keys, and the replica."""
+    group = redis_sentinel_groups()
+    local = through_sentinels(settings, group)
+    try:
+        yield redis_client(local.redis), RedisKeys.of(local.redis), group.replicas[0]
+    finally:
+        close_all()
+
+
+def test_a_push_no_replica_confirmed_lands_once(
+        sentinel_queue: tuple[redis.Redis, RedisKeys, RedisServer]) -> None:
+    """Stop 16's gap: a push the replica did not confirm within WAIT_TIMEOUT_MS raised
+    NotReplicated and `generate` gave up, though the orders were on the master. Now the
+    retry reads the batch's marker there, finds it, and only waits for the replica again:
+    the 300 orders are queued once, `accepted` is 300, one signal."""
+    client, keys, replica = sentinel_queue
+    batch_id, payloads, retries = stalled_replica_push(client, keys, replica, 3.0, 300)
+    assert retries >= 1  # WAIT timed out (2 s) while the replica was stopped
+    assert_queued_once(client, keys, batch_id, payloads)
+    assert client.llen(keys.ingestion) == 300
+    assert int(client.hget(keys.counters, "accepted")) == 300
+
+
+@hypothesis_settings(max_examples=5, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stalls=st.lists(st.floats(min_value=0.0, max_value=4.5), min_size=1, max_size=3),
+       size=st.integers(min_value=1, max_value=400))
+def test_pushes_land_once_however_long_the_replica_stalls(
+        sentinel_queue: tuple[redis.Redis, RedisKeys, RedisServer], stalls: list[float],
+        size: int) -> None:
+    """The kind: a push whose outcome is unknown (the replica stalled 0-4.5 s, past WAIT's 2 s
+    or not, once or again on the next batch) ends with each batch queued exactly once and
+    `accepted` grown by exactly what was pushed."""
+    client, keys, replica = sentinel_queue
+    accepted = int(client.hget(keys.counters, "accepted") or 0)
+    depth = client.llen(keys.ingestion)
+    for stall in stalls:
+        batch_id, payloads, retries = stalled_replica_push(client, keys, replica, stall, size)
+        assert_queued_once(client, keys, batch_id, payloads)
+        if stall < 1.0:
+            assert retries == 0
+    assert client.llen(keys.ingestion) == depth + size * len(stalls)
+    assert int(client.hget(keys.counters, "accepted")) == accepted + size * len(stalls)

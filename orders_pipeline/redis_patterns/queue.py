@@ -29,7 +29,12 @@ from typing import TypeVar
 import redis
 import redis.cluster
 
-from orders_pipeline.connections import await_replication, queue_script
+from orders_pipeline.connections import (
+    PUSH_ATTEMPTS,
+    await_replication,
+    queue_script,
+    retry_transient,
+)
 from orders_pipeline.redis_patterns.keys import (
     RedisKeys,
     batch_id_in,
@@ -215,7 +220,8 @@ class QueueShard:
         """Enqueue one batch atomically with its accepted count and completion signal.
 
         One MULTI transaction: either the orders, the `accepted` counter and the signal all
-        land, or (e.g. Redis full under `noeviction`) none does and this raises.
+        land, or (e.g. Redis full under `noeviction`) none does and this raises. One attempt:
+        producers call `push_batch_once`, which rides out transient errors.
         """
         batch_id = batch_id or uuid.uuid4().hex
         pipe = self.client.pipeline(transaction=True)
@@ -226,6 +232,35 @@ class QueueShard:
         # Acknowledged to the producer: on the replicas first (NotReplicated: whether the push
         # lasts is unknown until the master is settled; its marker signal_seen tells).
         await_replication(self.client, self.keys.replication_probe)
+        return batch_id
+
+    def push_batch_once(self, payloads: Sequence[bytes], batch_id: str | None = None) -> str:
+        """`push_batch` through transient errors (`connections.retry_transient`), landing the
+        batch exactly once: what a producer should call.
+
+        After an error the push may or may not have landed (a connection lost once the MULTI
+        was sent, a push no replica confirmed: NotReplicated). Its completion signal's marker
+        `{P}:signal:<batch id>`, read on the master of the moment, says which: written in the
+        push's MULTI, or right after it when the signals live in another slot, so a marker
+        means the orders are queued. A batch with one is only awaited on the replicas again;
+        one without is pushed again under the same id. (In the second layout a push whose
+        signal was lost is pushed twice: the copies are dropped as duplicates by id, never
+        doubled in `orders`.) Raises the last transient error after PUSH_ATTEMPTS, and
+        `push_batch`'s other errors (e.g. Redis full) at once, having pushed nothing more.
+        """
+        batch_id = batch_id or uuid.uuid4().hex
+        marker = self.signals.keys.signal_seen(batch_id)
+        tried = False
+
+        def attempt() -> None:
+            nonlocal tried
+            if tried and self.client.exists(marker):
+                await_replication(self.client, self.keys.replication_probe)
+                return
+            tried = True
+            self.push_batch(payloads, batch_id)
+
+        retry_transient(attempt, what=f"push {batch_id[:12]}", attempts=PUSH_ATTEMPTS)
         return batch_id
 
     def _execute_with_signal(self, pipe: redis.client.Pipeline, signal_id: str,
@@ -527,14 +562,16 @@ class OrderQueue:
 
     def push_batch(self, payloads: Sequence[bytes], batch_id: str | None = None, *,
                    shard: int = 0) -> str:
-        """Enqueue one batch in one shard (`QueueShard.push_batch`); returns its signal id."""
-        return self.shards[shard].push_batch(payloads, batch_id)
+        """Enqueue one batch in one shard exactly once, through transient errors
+        (`QueueShard.push_batch_once`); returns its signal id."""
+        return self.shards[shard].push_batch_once(payloads, batch_id)
 
     def push_orders(self, payloads: Sequence[bytes], order_ids: Sequence[bytes | None]
                     ) -> list[str]:
         """Enqueue payloads, each in the shard of its order id (`keys.shard_of_order`; None,
         for a payload without a readable id, goes to shard 0), one batch and signal per shard
-        used, in the given order within each. Returns the signal ids."""
+        used, in the given order within each, each exactly once through transient errors
+        (`QueueShard.push_batch_once`). Returns the signal ids."""
         if len(self.shards) == 1:
             return [self.push_batch(payloads)]
         parts: dict[int, list[bytes]] = defaultdict(list)
