@@ -31,6 +31,11 @@ can happen:
 5. the ledger is released: staging and promotion waited only for steps 2-4;
 6. `pg_dump --snapshot` dumps the database as of step 3 while the pipeline runs on.
 
+With REDIS_SHARDS = K the keys of every shard's space are copied: step 4 is then one Lua call
+per shard (a shard's keys share one slot), all while the ledger is held, so each shard's copy
+is an instant of its own and `manifest.redis.snapshot_at` is the earliest of them. A restore
+needs the same REDIS_SHARDS (each shard's keys go to the same shard under the target prefix).
+
 Between steps 3 and 4 only Redis-only moves happen (claims, pushes, the Redis step of a
 commit made before step 2), so every batch is in a state crash recovery already handles:
 queued (no trace in Postgres), claimed without a ledger row (reclaimed and staged again),
@@ -84,7 +89,7 @@ from orders_pipeline.pipeline import Reconciled, reconcile_batches
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
 from orders_pipeline.redis_patterns.keys import RedisKeys, glob_escape, unlink_matching
 from orders_pipeline.redis_patterns.queue import OrderQueue
-from orders_pipeline.settings import PostgresSettings, RedisSettings, Settings
+from orders_pipeline.settings import PostgresSettings, Settings
 
 MANIFEST_FILE = "manifest.json"
 POSTGRES_FILE = "postgres.dump"
@@ -168,7 +173,10 @@ class RedisPart(BaseModel):
     version: str
     run_id: str
     key_prefix: str
-    snapshot_at: datetime  # by the Redis clock: orders pushed after it are not in the backup
+    shards: int = 1  # REDIS_SHARDS of the deployment (backups before sharding: 1)
+    # By the Redis clock (with shards, the earliest shard's copy): orders pushed after it may
+    # not be in the backup.
+    snapshot_at: datetime
     keys: int
     keys_by_family: dict[str, int]  # `{P}:<family>...` -> keys
     queued_orders: int
@@ -289,6 +297,26 @@ def _sync(file: IO[bytes]) -> None:
     os.fsync(file.fileno())
 
 
+# ---------------------------------------------------------------------------- key spaces
+
+
+def _scan_patterns(keys: RedisKeys) -> list[str]:
+    """MATCH patterns that together cover every key of every shard of `keys` once: `{P}:*`,
+    and each shard's own when it is not under `{P}:` (a tagged prefix's shards)."""
+    spaces = keys.shard_spaces
+    return [f"{glob_escape(space.prefix)}:*" for space in spaces
+            if space is spaces[0] or not space.prefix.startswith(f"{keys.prefix}:")]
+
+
+def _space_of(name: str, spaces: list[RedisKeys]) -> int:
+    """The shard whose key space holds the key `name`: the longest prefix it starts with (an
+    untagged prefix P's shards are `P:{s.n}`, under P's own)."""
+    matches = [n for n, space in enumerate(spaces) if name.startswith(f"{space.prefix}:")]
+    if not matches:
+        raise BackupError(f"key {name!r} is under none of the shards' prefixes")
+    return max(matches, key=lambda n: len(spaces[n].prefix))
+
+
 # ---------------------------------------------------------------------------- backup
 
 
@@ -298,10 +326,12 @@ class _KeyFile:
     def __init__(self, out: IO[bytes], keys: RedisKeys) -> None:
         self.out = out
         self.keys = keys
+        self.spaces = keys.shard_spaces
         self.by_family: dict[str, int] = {}
 
     def family(self, name: str) -> str:
-        return name[len(self.keys.prefix) + 1:].split(":", 1)[0]
+        space = self.spaces[_space_of(name, self.spaces)]
+        return name[len(space.prefix) + 1:].split(":", 1)[0]
 
     def write(self, key: bytes, pttl: int, payload: bytes, now_ms: int) -> None:
         name = key.decode("utf-8", "surrogateescape")
@@ -311,22 +341,22 @@ class _KeyFile:
                   "dump": base64.b64encode(payload).decode()}
         self.out.write(json.dumps(record).encode() + b"\n")
 
-    def copy_early_keys(self, client: redis.Redis) -> list[bytes]:
-        """Step 1: copy the keys of EARLY_FAMILIES now; return the other keys found (batch
-        lists aside: the queue state names them), to copy with the queue state."""
-        batch_lists = self.keys.batch("")
-        later: list[bytes] = []
+    def copy_early_keys(self, client: redis.Redis) -> list[list[bytes]]:
+        """Step 1: copy the keys of EARLY_FAMILIES now; return the other keys found, by shard
+        (batch lists aside: the queue state names them), to copy with the queue state."""
+        later: list[list[bytes]] = [[] for _ in self.spaces]
         chunk: list[bytes] = []
-        for key in client.scan_iter(match=f"{glob_escape(self.keys.prefix)}:*",
-                                    count=KEYS_PER_ROUND_TRIP):
-            name = key.decode("utf-8", "surrogateescape")
-            if self.family(name) in EARLY_FAMILIES:
-                chunk.append(key)
-            elif not name.startswith(batch_lists):
-                later.append(key)
-            if len(chunk) >= KEYS_PER_ROUND_TRIP:
-                self._copy(client, chunk)
-                chunk = []
+        for pattern in _scan_patterns(self.keys):
+            for key in client.scan_iter(match=pattern, count=KEYS_PER_ROUND_TRIP):
+                name = key.decode("utf-8", "surrogateescape")
+                shard = _space_of(name, self.spaces)
+                if self.family(name) in EARLY_FAMILIES:
+                    chunk.append(key)
+                elif not name.startswith(self.spaces[shard].batch("")):
+                    later[shard].append(key)
+                if len(chunk) >= KEYS_PER_ROUND_TRIP:
+                    self._copy(client, chunk)
+                    chunk = []
         self._copy(client, chunk)
         return later
 
@@ -344,22 +374,30 @@ class _KeyFile:
             if payload is not None:  # gone (expired, deleted) since the SCAN
                 self.write(key, int(pttl), payload, now_ms)
 
-    def copy_queue_state(self, client: redis.Redis, found: list[bytes]) -> RedisPart:
-        """Step 4, in one Lua call: `queue_state_keys`, the other keys step 1 `found`, and
-        every batch list the queue state names."""
-        fixed = queue_state_keys(self.keys)
-        named = {key.encode() for key in fixed}
-        keys = [*fixed, *(key for key in found if key not in named)]
-        reply = client.eval(_COPY_QUEUE_STATE, len(keys), *keys, self.keys.batch(""))
-        seconds, micros, queued, claimed, staged, quarantined, batch_orders, accepted = reply[:8]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        copied = reply[8:]
-        for key, pttl, payload in zip(copied[::3], copied[1::3], copied[2::3], strict=True):
-            self.write(key, int(pttl), payload, now_ms)
+    def copy_queue_state(self, client: redis.Redis, found: list[list[bytes]]) -> RedisPart:
+        """Step 4, one Lua call per shard: its `queue_state_keys`, the other keys of it step 1
+        `found`, and every batch list its queue state names. Counts are summed over the
+        shards; the snapshot instant is the earliest shard's."""
+        totals = [0] * 6  # queued, claimed, staged, quarantined, batch orders, accepted
+        instants: list[int] = []
+        for space, found_here in zip(self.spaces, found, strict=True):
+            fixed = queue_state_keys(space)
+            named = {key.encode() for key in fixed}
+            keys = [*fixed, *(key for key in found_here if key not in named)]
+            reply = client.eval(_COPY_QUEUE_STATE, len(keys), *keys, space.batch(""))
+            seconds, micros = reply[:2]
+            totals = [total + int(n) for total, n in zip(totals, reply[2:8], strict=True)]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            instants.append(now_ms)
+            copied = reply[8:]
+            for key, pttl, payload in zip(copied[::3], copied[1::3], copied[2::3], strict=True):
+                self.write(key, int(pttl), payload, now_ms)
+        queued, claimed, staged, quarantined, batch_orders, accepted = totals
         info = client.info("server")
         return RedisPart(
             version=str(info["redis_version"]), run_id=str(info["run_id"]),
-            key_prefix=self.keys.prefix, snapshot_at=_instant(now_ms),
+            key_prefix=self.keys.prefix, shards=len(self.spaces),
+            snapshot_at=_instant(min(instants)),
             keys=sum(self.by_family.values()), keys_by_family=dict(sorted(self.by_family.items())),
             queued_orders=queued, claimed_batches=claimed, staged_batches=staged,
             quarantined_batches=quarantined, batch_orders=batch_orders, accepted=accepted)
@@ -446,14 +484,6 @@ def _write_manifest(directory: Path, manifest: Manifest) -> None:
         os.close(handle)
 
 
-def _refuse_shards(settings: Settings) -> None:
-    """Backups copy one shard's queue state in one step: a sharded queue is refused."""
-    if settings.redis.shards > 1:
-        raise BackupError(f"REDIS_SHARDS is {settings.redis.shards}, and backup/restore copy "
-                          "the queue state of one shard only; back up a deployment with "
-                          "REDIS_SHARDS=1")
-
-
 def backup(settings: Settings, directory: Path) -> Manifest:
     """Back up Postgres and the Redis keys of the prefix into `directory` (see the module).
 
@@ -462,7 +492,6 @@ def backup(settings: Settings, directory: Path) -> Manifest:
     manifest). Raises BackupError (pg_dump missing or failing), LedgerBusy (the ledger could
     not be held still in time: try again), and the servers' connection errors.
     """
-    _refuse_shards(settings)
     pg_dump = pg_tool("pg_dump")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise BackupError(f"{str(directory)!r} is not an empty directory: back up into a new "
@@ -523,9 +552,10 @@ def _relations(pg: PostgresSettings) -> int | None:
             " AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')").fetchone()[0])
 
 
-def _has_keys(client: redis.Redis, rd: RedisSettings) -> bool:
-    pattern = f"{glob_escape(rd.key_prefix)}:*"
-    return next(client.scan_iter(match=pattern, count=KEYS_PER_ROUND_TRIP), None) is not None
+def _has_keys(client: redis.Redis, keys: RedisKeys) -> bool:
+    """Whether any key of any shard of `keys` exists."""
+    return any(next(client.scan_iter(match=pattern, count=KEYS_PER_ROUND_TRIP), None)
+               is not None for pattern in _scan_patterns(keys))
 
 
 def _clear_targets(settings: Settings, client: redis.Redis, force: bool) -> list[str]:
@@ -536,7 +566,8 @@ def _clear_targets(settings: Settings, client: redis.Redis, force: bool) -> list
     pg, rd = settings.postgres, settings.redis
     pg_at, redis_at = _endpoint(settings)
     relations = _relations(pg)
-    has_keys = _has_keys(client, rd)
+    keys = RedisKeys.of(rd)
+    has_keys = _has_keys(client, keys)
     occupied = []
     if relations:
         occupied.append(f"database {pg.dbname!r} ({pg_at}) holds {relations} relations")
@@ -551,21 +582,25 @@ def _clear_targets(settings: Settings, client: redis.Redis, force: bool) -> list
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
                 sql.Identifier(pg.dbname)))
     if has_keys:
-        unlink_matching(client, f"{glob_escape(rd.key_prefix)}:*")
+        for pattern in _scan_patterns(keys):
+            unlink_matching(client, pattern)
     return occupied
 
 
-def _restore_keys(client: redis.Redis, path: Path, source: str, target: str
+def _restore_keys(client: redis.Redis, path: Path, source: RedisKeys, target: RedisKeys
                   ) -> tuple[int, int]:
-    """RESTORE every key of the file under the target prefix; keys whose expiry has passed
-    are skipped. Returns (restored, expired)."""
+    """RESTORE every key of the file in the same shard of the target key space (its prefix
+    for the source's); keys whose expiry has passed are skipped. Returns (restored,
+    expired)."""
+    sources, targets = source.shard_spaces, target.shard_spaces
     now_ms = _redis_now_ms(client)
     restored = expired = 0
     pipe = client.pipeline(transaction=False)
     with open(path, "rb") as lines:
         for line in lines:
             record = json.loads(line)
-            name = target + record["key"][len(source):]
+            shard = _space_of(record["key"], sources)
+            name = targets[shard].prefix + record["key"][len(sources[shard].prefix):]
             expire_at = record["expire_at_ms"]
             if expire_at is not None and expire_at <= now_ms:
                 expired += 1
@@ -579,15 +614,18 @@ def _restore_keys(client: redis.Redis, path: Path, source: str, target: str
 
 
 def _hand_back_leases(queue: OrderQueue) -> int:
-    """Every claimed batch's lease ends now, without owner: the workers that held them are
-    not on these servers, so the next drain reclaims them at once."""
-    claimed = queue.claimed_batch_ids()
-    if claimed:
-        pipe = queue.client.pipeline(transaction=True)
-        pipe.zadd(queue.keys.inflight, dict.fromkeys(claimed, 0), xx=True)
-        pipe.delete(queue.keys.owners)
-        pipe.execute()
-    return len(claimed)
+    """Every claimed batch's lease ends now, without owner, in every shard: the workers that
+    held them are not on these servers, so the next drain reclaims them at once."""
+    handed_back = 0
+    for shard in queue.shards:
+        claimed = shard.claimed_batch_ids()
+        if claimed:
+            pipe = shard.client.pipeline(transaction=True)
+            pipe.zadd(shard.keys.inflight, dict.fromkeys(claimed, 0), xx=True)
+            pipe.delete(shard.keys.owners)
+            pipe.execute()
+        handed_back += len(claimed)
+    return handed_back
 
 
 def restore(settings: Settings, directory: Path, *, force: bool = False) -> RestoreReport:
@@ -596,14 +634,18 @@ def restore(settings: Settings, directory: Path, *, force: bool = False) -> Rest
     Raises BackupError: no complete backup there or a file changed (`read_manifest`),
     pg_restore missing or failing (its single transaction then committed nothing), the target
     not empty without `force`, or the target Redis refusing the copied keys (older than the
-    source). With `force` the database is dropped and the prefix's keys deleted first.
+    source), or REDIS_SHARDS not the backup's. With `force` the database is dropped and the
+    prefix's keys (every shard's) deleted first.
     """
-    _refuse_shards(settings)
     manifest = read_manifest(directory)
     pg_restore = pg_tool("pg_restore")
     pg, rd = settings.postgres, settings.redis
     client = redis_client(rd)
     keys = RedisKeys.of(rd)
+    if manifest.redis.shards != rd.shards:
+        raise BackupError(f"the backup holds {manifest.redis.shards} shard(s) of the queue and "
+                          f"REDIS_SHARDS is {rd.shards}: restore with "
+                          f"REDIS_SHARDS={manifest.redis.shards}")
     replaced = _clear_targets(settings, client, force)
     ensure_database(pg)
     _run_tool([pg_restore, "--no-password", "--single-transaction", "--exit-on-error",
@@ -612,8 +654,9 @@ def restore(settings: Settings, directory: Path, *, force: bool = False) -> Rest
     with pg_connect(pg) as conn:
         apply_schema(conn)  # a backup of an older release gets this release's DDL
     try:
-        restored, expired = _restore_keys(client, directory / REDIS_FILE,
-                                          manifest.redis.key_prefix, keys.prefix)
+        restored, expired = _restore_keys(
+            client, directory / REDIS_FILE,
+            RedisKeys(manifest.redis.key_prefix, manifest.redis.shards), keys)
     except redis.ResponseError as exc:
         raise BackupError(
             f"{_endpoint(settings)[1]} refused the copied keys ({exc}); restore onto an empty "

@@ -75,6 +75,11 @@ def with_batch_size(settings: Settings, batch_size: int) -> Settings:
         settings.pipeline, batch_size=batch_size))
 
 
+def with_shards(settings: Settings, shards: int) -> Settings:
+    return dataclasses.replace(settings, redis=dataclasses.replace(settings.redis,
+                                                                   shards=shards))
+
+
 def moved(settings: Settings, *, redis_port: int, pg_port: int | None = None,
           dbname: str = "restored") -> Settings:
     """`settings` pointed at a restore target: another Redis (prefix TARGET_PREFIX) and
@@ -109,8 +114,8 @@ def resume(settings: Settings) -> None:
 
 def books_of(settings: Settings) -> Conservation:
     with pg_connect(settings.postgres) as conn:
-        return check_conservation(redis_client(settings.redis),
-                                  RedisKeys(settings.redis.key_prefix), conn)
+        return check_conservation(redis_client(settings.redis), RedisKeys.of(settings.redis),
+                                  conn)
 
 
 def order_rows(conn: psycopg.Connection) -> dict[str, tuple[object, ...]]:
@@ -282,12 +287,16 @@ STEPS = st.lists(st.sampled_from(["push", "stage", "promote", "promote_unrelease
 
 @hypothesis_settings(max_examples=8, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(steps=STEPS)
+@given(steps=STEPS, shards=st.sampled_from([1, 3]))
 def test_any_mix_of_batch_states_restores_and_resumes_exactly_once(
         settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
-        loaded_cache: LookupCache, target: Settings, tmp_path: Path, steps: list[str]) -> None:
-    source = fresh_example(with_batch_size(settings, 100), rconn, pg)
-    keys = RedisKeys(source.redis.key_prefix)
+        loaded_cache: LookupCache, target: Settings, tmp_path: Path, steps: list[str],
+        shards: int) -> None:
+    """With REDIS_SHARDS 1 or 3 (each shard's queue state copied in a call of its own, and
+    restored into the same shard under the target's prefix)."""
+    source = with_shards(fresh_example(with_batch_size(settings, 100), rconn, pg), shards)
+    target = with_shards(target, shards)
+    keys = RedisKeys.of(source.redis)
     queue = OrderQueue(rconn, keys, lease_seconds=3600)
     refs = generator.References.load(pg)
     payloads: list[bytes] = []
@@ -315,6 +324,11 @@ def test_any_mix_of_batch_states_restores_and_resumes_exactly_once(
     directory = tmp_path / uuid.uuid4().hex
 
     backup.backup(source, directory)
+    assert read_manifest(directory).redis.shards == shards
+    other = shards % 3 + 1
+    with pytest.raises(backup.BackupError, match=f"holds {shards} shard.*REDIS_SHARDS is "
+                                                 f"{other}: restore with REDIS_SHARDS={shards}"):
+        backup.restore(with_shards(target, other), directory, force=True)
     report = backup.restore(target, directory, force=True)
 
     assert report.books.balanced, report.books
