@@ -4,10 +4,11 @@ With no subcommand it runs the end-to-end benchmark (`benchmarks.end_to_end`);
 `orders-pipeline-benchmark promotion-scaling ...` runs promotion by shard with 1, 2 and 4
 promoter processes (`benchmarks.promotion_scaling`); `orders-pipeline-benchmark scale-curve
 ...` grows one database through several sizes and measures at each
-(`benchmarks.scale_curve`). Configuration comes from the same environment variables (and
-`.env`) as `orders-pipeline`. Every expected failure (bad option, bad configuration, a server
-down, a benchmark process that died) is one line on stderr and a non-zero exit code, never a
-traceback.
+(`benchmarks.scale_curve`); `orders-pipeline-benchmark retention ...` times dropping old
+months and promotion's wait beside it (`benchmarks.retention_stall`). Configuration comes
+from the same environment variables (and `.env`) as `orders-pipeline`. Every expected
+failure (bad option, bad configuration, a server down, a benchmark process that died) is one
+line on stderr and a non-zero exit code, never a traceback.
 """
 
 import json
@@ -29,6 +30,7 @@ from benchmarks.promotion_scaling import (
     run_scaling,
 )
 from benchmarks.report import render_benchmark
+from benchmarks.retention_stall import RetentionOptions, render_retention, run_retention
 from benchmarks.scale_curve import (
     DESIGNS,
     CurveOptions,
@@ -258,7 +260,41 @@ def scale_curve(sizes: tuple[int, ...], run_orders: int, fresh_batch: int, histo
         click.echo(f"plot drawn to {plot}")
 
 
-SUBCOMMANDS = {SCALING: promotion_scaling, CURVE: scale_curve}
+RETENTION = "retention"
+RETENTION_OUTPUT = Path("benchmarks") / "results" / "retention.json"
+
+
+@click.command(name=RETENTION, context_settings={"help_option_names": ["-h", "--help"],
+                                                 "max_content_width": 100})
+@click.option("--orders", type=click.IntRange(min=1), default=RetentionOptions.orders,
+              show_default=True, metavar="N", help="orders preloaded before the retention")
+@click.option("--history-days", type=click.IntRange(min=1),
+              default=RetentionOptions.history_days, show_default=True, metavar="DAYS",
+              help="days (up to an hour ago) the preloaded orders are spread over")
+@click.option("--keep-months", type=click.IntRange(min=1, max=1200),
+              default=RetentionOptions.keep_months, show_default=True, metavar="N",
+              help="months the retention keeps (the current one and N-1 before it)")
+@click.option("--seed", type=int, default=1, show_default=True, help="generator seed")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=RETENTION_OUTPUT, show_default=True, metavar="PATH",
+              help="where to write the JSON results (directories are created)")
+def retention(orders: int, history_days: int, keep_months: int, seed: int,
+              output: Path) -> None:
+    """Preload --orders orders over --history-days into a throwaway database, run the
+    product's retention keeping --keep-months, and measure how long it takes and how long a
+    promotion round arriving meanwhile waits; print a markdown table and write JSON."""
+    load_env_file()
+    settings = Settings.from_env()
+    _preflight(settings)
+    result = run_retention(settings, RetentionOptions(
+        orders=orders, history_days=history_days, keep_months=keep_months, seed=seed))
+    click.echo(render_retention(result))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    click.echo(f"results written to {output}")
+
+
+SUBCOMMANDS = {SCALING: promotion_scaling, CURVE: scale_curve, RETENTION: retention}
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:

@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -29,6 +29,7 @@ from orders_pipeline import generator, transform
 from orders_pipeline.cli import main
 from orders_pipeline.connections import pg_connect
 from orders_pipeline.faults import CRASH_ENV
+from orders_pipeline.postgres_patterns.partitions import horizon_keeping
 from orders_pipeline.settings import Settings
 from orders_pipeline_tests.helpers import REPO, pipeline_env
 
@@ -334,3 +335,34 @@ def test_uuid4_payloads_are_valid_orders(settings: Settings) -> None:
     assert len(set(ids)) == 500 and {uuid.UUID(i).version for i in ids} == {4}
     stamps = [datetime.fromisoformat(json.loads(p)["order_timestamp"]) for p in payloads]
     assert all((datetime.now(UTC) - stamp).total_seconds() < 3700 for stamp in stamps)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def test_retention_benchmark_times_the_drop_and_promotions_wait(
+        bench_env: Path, pg: psycopg.Connection, rconn: redis.Redis,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A small run: 4,000 orders over 300 days, four months kept; the drop is what the
+    product's retention reports, the guard shrinks by exactly its ids, the probe took the
+    promotion lock, and the scratch database and keys are gone."""
+    output = bench_env / "retention.json"
+    code = benchmark_main(["retention", "--orders", "4000", "--history-days", "300",
+                           "--keep-months", "4", "--output", str(output)])
+    out = capsys.readouterr().out
+    assert code == 0 and "| dropped | seconds |" in out
+    result = json.loads(output.read_text())
+    dropped = result["retention"]
+    horizon = date.fromisoformat(dropped["horizon"])
+    assert horizon in {horizon_keeping(4, datetime.now(UTC) - timedelta(minutes=m))
+                       for m in (0, 30)}  # (a run across a month's start)
+    before, after = result["guard_before"], result["guard_after"]
+    assert before["rows"] == 4000 and after["bytes"] > 0
+    assert dropped["ids"] == dropped["orders"] == before["rows"] - after["rows"] > 2000
+    assert len(dropped["partitions"]) >= 6 and dropped["seconds"] > 0
+    assert all(name < f"orders_p{horizon:%Y%m}" for name in dropped["partitions"])
+    assert len(dropped["view_slices"]) >= len(dropped["partitions"])
+    wait = result["promotion_wait"]
+    assert wait["count"] >= 2 and 0 < wait["p50_ms"] <= wait["max_ms"]
+    assert result["database"] not in {r[0] for r in pg.execute(BENCH_DATABASES)}
+    assert not list(rconn.scan_iter(match=f"{result['key_prefix']}:*"))
