@@ -538,8 +538,8 @@ def prune_archive(settings: Settings) -> list[str]:
 
 def apply_retention(settings: Settings, horizon: date, *,
                     dry_run: bool = False) -> partitions.RetentionResult:
-    """Drop every month before `horizon` (first of a month) from `orders`, the id guard, the
-    rollups and the dashboard views, in one transaction (`partitions.apply_retention`, which
+    """Drop every month before `horizon` (first of a month) from `orders`, the rollups and
+    the dashboard views, then their ids from the guard (`partitions.apply_retention`, which
     raises RetentionRefused saying why it cannot); with `dry_run`, only report it."""
     with pg_pool(settings.postgres, via_pgbouncer=False).connection() as conn:
         return partitions.apply_retention(conn, horizon, dry_run=dry_run)

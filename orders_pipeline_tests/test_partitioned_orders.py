@@ -4,6 +4,8 @@ for exactly the months that have orders; retention drops whole months from `orde
 guard, the rollups and the views consistently; an old unpartitioned table migrates."""
 
 import json
+import threading
+import time
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
@@ -32,7 +34,7 @@ from orders_pipeline.redis_patterns.dedup import DedupWindow
 from orders_pipeline.redis_patterns.keys import RedisKeys
 from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.settings import Settings
-from orders_pipeline_tests.helpers import pipeline_env, resources_for
+from orders_pipeline_tests.helpers import fresh_example, pipeline_env, resources_for
 from orders_pipeline_tests.test_cli import run as cli
 from orders_pipeline_tests.test_parallel_promotion import (
     SHARDS,
@@ -322,3 +324,97 @@ def test_guard_follows_deletes_and_truncate_and_a_stale_guard_never_blocks(
     pg.execute("TRUNCATE orders")
     assert guard(pg) == {}
     pg.commit()
+
+
+def test_promotion_goes_on_while_retention_deletes_the_ids(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
+        loaded_cache: LookupCache) -> None:
+    """Only the drops hold the promotion lock: with the ids' deletion held up (another
+    transaction locks one id it must delete), a batch is staged and promoted meanwhile, and
+    the deletion then finishes with every id of the dropped months."""
+    months = [_months_back(n) for n in (4, 3, 0)]
+    payloads = _month_orders(pg, dict.fromkeys(months, 20), seed=11)
+    _promote(settings, rconn, payloads)
+    horizon = months[2]
+    pg.commit()
+    results: list[partitions.RetentionResult] = []
+    with psycopg.connect(**settings.postgres.conninfo(via_pgbouncer=False)) as blocker:
+        blocker.execute("SELECT 1 FROM order_ids WHERE order_timestamp < %s LIMIT 1 FOR UPDATE",
+                        (partitions.month_start(horizon),))
+        retention = threading.Thread(
+            target=lambda: results.append(pipeline.apply_retention(settings, horizon)))
+        retention.start()
+        deadline = time.monotonic() + 30
+        while partitions.retention_horizon(pg) != horizon:  # the drops committed
+            pg.commit()
+            assert time.monotonic() < deadline, "retention did not commit its drops"
+            time.sleep(0.05)
+        late = _month_orders(pg, {months[2]: 15}, seed=12)
+        pg.commit()
+        promoted: list[bool] = []
+        promoter = threading.Thread(target=lambda: promoted.append(
+            _promote(settings, rconn, late) is None))
+        promoter.start()
+        promoter.join(timeout=60)  # with the ids deleted under the lock, it waited for them
+        promoted_meanwhile, still_deleting = promoted == [True], retention.is_alive()
+        blocker.rollback()
+    promoter.join(timeout=60)
+    retention.join(timeout=60)
+    assert promoted_meanwhile and still_deleting, (promoted, still_deleting)
+    [result] = results
+    assert (result.orders, result.ids, len(result.partitions)) == (40, 40, 2)
+    assert result.ids_seconds > result.locked_seconds  # the ids waited out the promotion
+    pg.commit()
+    assert_guard_matches_orders(pg)
+    assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 35
+    books = check_conservation(rconn, RedisKeys.of(settings.redis), pg)
+    assert books.dropped_by_retention == 40 and books.balanced, books.as_dict()
+
+
+@hypothesis_settings(max_examples=12, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(counts=st.lists(st.integers(0, 6), min_size=7, max_size=7),
+       keep=st.integers(1, 7), leftover=st.integers(0, 3), again=st.booleans())
+def test_any_retention_drops_what_its_preview_said_and_forgets_every_id(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
+        loaded_cache: LookupCache, counts: list[int], keep: int, leftover: int,
+        again: bool) -> None:
+    """Orders in any of the last seven months, any horizon: the dry run reports exactly what
+    the retention then drops (partitions, orders, ids); afterwards the guard holds exactly the
+    ids of `orders`, the views equal a recompute, and the books balance. Ids a deletion left
+    behind (an interrupted retention: inserted here by hand) are deleted by the next one,
+    whatever horizon it is given."""
+    local = fresh_example(settings, rconn, pg)
+    pg.execute("DELETE FROM orders_retention")
+    pg.commit()
+    by_month = {_months_back(n): count for n, count in enumerate(counts) if count}
+    payloads = _month_orders(pg, by_month, seed=sum(counts) + keep) if by_month else []
+    if payloads:
+        _promote(local, rconn, payloads)
+    refresh_views(pg)
+    horizon = partitions.horizon_keeping(keep)
+    doomed = sum(count for month, count in by_month.items() if month < horizon)
+    pg.commit()
+
+    preview = apply_retention(pg, horizon, dry_run=True)
+    pg.commit()
+    result = apply_retention(pg, horizon)
+    pg.commit()
+    assert (preview.orders, preview.ids) == (result.orders, result.ids) == (doomed, doomed)
+    assert preview.partitions == result.partitions
+    assert all(partitions.parse_month(name[-6:-2] + "-" + name[-2:]) < horizon
+               for name in result.partitions)
+    assert min(partition_months(pg)) >= horizon
+    if leftover:
+        before = partitions.month_start(horizon) - timedelta(days=3)
+        pg.cursor().executemany(
+            "INSERT INTO order_ids (order_id, order_timestamp) VALUES (%s, %s)",
+            [(f"left-{i}", before) for i in range(leftover)])
+        pg.commit()
+        earlier = partitions.add_months(horizon, -1) if again else horizon
+        assert apply_retention(pg, earlier).ids == leftover
+        pg.commit()
+    assert_guard_matches_orders(pg)
+    assert_exact(pg)
+    books = check_conservation(rconn, RedisKeys.of(local.redis), pg)
+    assert books.dropped_by_retention == doomed and books.balanced, books.as_dict()

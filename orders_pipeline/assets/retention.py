@@ -2,10 +2,11 @@
 
 It runs `pipeline.apply_retention` (the same as `orders-pipeline retention`) with the horizon
 of its config (launchpad `ops: drop_months: config: {keep_months: 36}` or
-`{before: "2024-01"}`; `dry_run: true` only reports). One transaction drops the months'
-partitions of `orders`, their ids in `order_ids`, their rollup rows and month views; the step's
-metadata lists them. A refusal (a horizon after this month, staged orders before it) fails the
-run without retries: retrying cannot change it.
+`{before: "2024-01"}`; `dry_run: true` only reports). One short transaction drops the months'
+partitions of `orders`, their rollup rows and month views, a second their ids in `order_ids`
+(promotion waits only for the first); the step's metadata lists them, with both durations. A
+refusal (a horizon after this month, staged orders before it) fails the run without retries:
+retrying cannot change it.
 """
 
 from datetime import date
@@ -13,7 +14,12 @@ from datetime import date
 import dagster as dg
 from pydantic import Field
 
-from orders_pipeline.assets.common import RETRY, permanent_failure, retried_only_if_transient
+from orders_pipeline.assets.common import (
+    RETRY,
+    permanent_failure,
+    retried_only_if_transient,
+    seconds,
+)
 from orders_pipeline.jobs import RUN_KIND_TAG
 from orders_pipeline.pipeline import apply_retention
 from orders_pipeline.postgres_patterns.partitions import (
@@ -55,7 +61,7 @@ class RetentionConfig(dg.Config):
     out=dg.Out(dg.Nothing),
     retry_policy=RETRY,
     description="Drops every month before the horizon from `orders`, `order_ids`, the rollups "
-                "and the dashboard views, in one transaction.",
+                "and the dashboard views, then their ids from `order_ids`.",
 )
 @retried_only_if_transient
 def retention_op(context: dg.OpExecutionContext, config: RetentionConfig,
@@ -74,7 +80,9 @@ def retention_op(context: dg.OpExecutionContext, config: RetentionConfig,
         "horizon": result.horizon.isoformat(), "dry_run": result.dry_run,
         "orders": result.orders, "ids": result.ids,
         "partitions": dg.MetadataValue.json(result.partitions),
-        "view_slices": dg.MetadataValue.json(result.view_slices)})
+        "view_slices": dg.MetadataValue.json(result.view_slices),
+        "promotion_locked_seconds": seconds(result.locked_seconds),
+        "ids_seconds": seconds(result.ids_seconds)})
 
 
 @dg.job(

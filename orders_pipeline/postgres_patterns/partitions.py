@@ -8,14 +8,19 @@ creates the current month and the next three, and `ensure_ahead` (called by the
 one (creating a partition locks `orders` until its transaction commits).
 
 Retention (`apply_retention`, CLI `orders-pipeline retention`) drops every month before a
-horizon in one transaction: the partitions, their ids in `order_ids`, the rollup rows and the
-month views of both dashboard views, and records the horizon, under which staging rejects
-orders dated before it (`retention_horizon`, `staging.stage_batch`). Ids of dropped orders are
-forgotten with them: a copy of one that arrives later is rejected if it is dated before the
-horizon, and stored again if it is dated after it.
+horizon in one short transaction: the partitions, the rollup rows and the month views of both
+dashboard views, and records the horizon, under which staging rejects orders dated before it
+(`retention_horizon`, `staging.stage_batch`). That transaction holds the promotion lock; the
+ids of the dropped orders are then deleted from `order_ids` in a second transaction, without
+it (`forget_ids_before`: one pass over the whole guard, which has no index by time), so
+promotion waits only for the drops. Ids of dropped orders are forgotten with them: a copy of
+one that arrives later is rejected if it is dated before the horizon, and stored again if it
+is dated after it (until the ids are deleted it is refused as a copy, counted as a promotion
+conflict; an interrupted deletion is finished by the next retention).
 """
 
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
@@ -56,18 +61,23 @@ class Partition:
 class RetentionResult:
     """What retention dropped (or, with dry_run, would drop): the horizon in force after it
     (a later one set before is kept), the partitions by name, the orders in them, the ids
-    removed from `order_ids`, the month views dropped."""
+    removed from `order_ids` (also those an interrupted retention left), the month views
+    dropped, and the seconds promotion was locked out (the drops) and the ids took."""
     horizon: date
     dry_run: bool
     partitions: list[str] = field(default_factory=list)
     orders: int = 0
     ids: int = 0
     view_slices: list[str] = field(default_factory=list)
+    locked_seconds: float = 0.0
+    ids_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return {"horizon": self.horizon.isoformat(), "dry_run": self.dry_run,
                 "partitions": self.partitions, "orders": self.orders, "ids": self.ids,
-                "view_slices": self.view_slices}
+                "view_slices": self.view_slices,
+                "locked_seconds": round(self.locked_seconds, 3),
+                "ids_seconds": round(self.ids_seconds, 3)}
 
 
 def month_of(instant: datetime | date) -> date:
@@ -155,14 +165,16 @@ def retention_horizon(conn: psycopg.Connection) -> date | None:
 
 def apply_retention(conn: psycopg.Connection, horizon: date, *,
                     dry_run: bool = False) -> RetentionResult:
-    """Drop every month before `horizon` (the first day of a month) from `orders`,
-    `order_ids`, the rollups and the dashboard views, in one transaction committed here
-    (rolled back with `dry_run`, which reports what it would drop).
+    """Drop every month before `horizon` (the first day of a month) from `orders`, the
+    rollups and the dashboard views in one transaction committed here, then their ids from
+    `order_ids` in a second (`forget_ids_before`, for the horizon in force); with `dry_run`
+    the first is rolled back and the ids are only counted: what it would drop.
 
     Raises RetentionRefused if `horizon` is not the first of a month, lies after the current
     UTC month (it would drop orders still arriving), or staged orders dated before it wait
     for promotion (promote them first: they would land in a month being dropped). Holds
-    PROMOTE_LOCK and RETENTION_LOCK exclusively while it runs: promotion and staging wait.
+    PROMOTE_LOCK and RETENTION_LOCK exclusively during the first transaction only: promotion
+    and staging wait for the drops (`locked_seconds`), not for the ids.
     """
     try:
         horizon = validated_month(horizon)
@@ -174,6 +186,7 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
             "still arriving; give this month or an earlier one")
     result = RetentionResult(horizon, dry_run)
     start = month_start(horizon)
+    locked = time.perf_counter()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (RETENTION_LOCK,))
@@ -190,9 +203,6 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
                 sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()[0])
             conn.execute(sql.SQL("DROP TABLE {}").format(relation))
             result.partitions.append(partition.name)
-        # Every id dated before the horizon, also one whose partition went by hand.
-        result.ids = conn.execute("DELETE FROM order_ids WHERE order_timestamp < %s",
-                                  (start,)).rowcount
         result.view_slices = drop_slices_before(conn, horizon)
         result.horizon = conn.execute(
             "INSERT INTO orders_retention (horizon, dropped_orders) VALUES (%s, %s)"
@@ -202,4 +212,22 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
             " applied_at = now() RETURNING horizon", (horizon, result.orders)).fetchone()[0]
         if dry_run:
             raise psycopg.Rollback()  # leaves the block, rolled back; nothing raised
+    result.locked_seconds = time.perf_counter() - locked
+    started = time.perf_counter()
+    if dry_run:
+        result.ids = int(conn.execute("SELECT count(*) FROM order_ids WHERE order_timestamp < %s",
+                                      (start,)).fetchone()[0])
+    else:
+        result.ids = forget_ids_before(conn, result.horizon)
+    result.ids_seconds = time.perf_counter() - started
     return result
+
+
+def forget_ids_before(conn: psycopg.Connection, horizon: date) -> int:
+    """Delete from `order_ids` every id dated before `horizon` (first day of a month), also
+    one whose partition went by hand, in one transaction committed here, without the
+    promotion lock (row locks on the deleted ids only: a promotion inserting one of them
+    waits for this and then stores it). Returns how many went."""
+    with conn.transaction():
+        return conn.execute("DELETE FROM order_ids WHERE order_timestamp < %s",
+                            (month_start(horizon),)).rowcount
