@@ -49,10 +49,12 @@ batch claimed before it, which step 4 holds or Postgres has promoted; a mark mad
 missing, and then at worst a later copy of that order is staged again and counted as a
 promotion conflict, never doubled in `orders`.
 
-Not in a backup: orders pushed after the Redis snapshot (`manifest.redis.snapshot_at`; resend
-them from their source), and Dagster's own instance storage (runs, sensor cursors). Step 4
-blocks Redis for the time it takes to copy the queue and the batches (bounded by
-MAX_QUEUE_DEPTH) and this process holds that copy in memory.
+Not in a backup: orders pushed after the Redis snapshot (`manifest.redis.snapshot_at`; with
+shards, some pushed after the earliest shard's copy may be in it: resend them from their
+source, and a copy of one the backup holds is dropped as a duplicate), and Dagster's own
+instance storage (runs, sensor cursors). Step 4 blocks Redis for the time it takes to copy
+the queue and the batches (bounded by MAX_QUEUE_DEPTH) and this process holds that copy in
+memory.
 
 `restore(settings, directory)` checks the manifest and checksums, refuses a target that is
 not empty (unless `force`, which drops the database and the prefix's keys first), runs
@@ -94,7 +96,10 @@ from orders_pipeline.settings import PostgresSettings, Settings
 MANIFEST_FILE = "manifest.json"
 POSTGRES_FILE = "postgres.dump"
 REDIS_FILE = "redis-keys.jsonl"
+# 1: one shard; 2: REDIS_SHARDS > 1 (`RedisPart.shards`), which a release reading only
+# format 1 refuses instead of restoring every shard's keys into shard 0's names.
 FORMAT = 1
+SHARDED_FORMAT = 2
 # The tables whose commits move a batch: the ledger (staging, promotion, quarantine,
 # re-admission) and the re-drive and replay outboxes. A table whose commit is paired with a
 # Redis step belongs here; those the database does not have (an older schema) are skipped.
@@ -102,9 +107,9 @@ LEDGER_TABLES = ("ingest_batches", "redrive_batches", "replay_batches")
 LEDGER_LOCK_TIMEOUT_SECONDS = 30
 KEYS_PER_ROUND_TRIP = 500
 # Key families (`{P}:<family>...`) safe to copy before the queue state, key by key: the dedup
-# window, the lookup snapshot, signal markers, the rate window (see the module docstring).
-# Every other key is copied atomically with the queue state, a future one too.
-EARLY_FAMILIES = frozenset({"dedup", "dedupcount", "lookup", "signal", "window"})
+# window, the lookup snapshot, signal and push markers, the rate window (see the module
+# docstring). Every other key is copied atomically with the queue state, a future one too.
+EARLY_FAMILIES = frozenset({"dedup", "dedupcount", "lookup", "pushed", "signal", "window"})
 PG_INSTALL_ROOT = Path("/usr/lib/postgresql")  # Debian's versioned client tools
 
 # KEYS: ingestion, inflight, staged, quarantined, redriven, counters, then the rest of the
@@ -201,7 +206,7 @@ class PostgresPart(BaseModel):
 
 class Manifest(BaseModel):
     """`manifest.json`: what a complete backup holds."""
-    format: Literal[1]
+    format: Literal[1, 2]
     orders_pipeline_version: str
     started_at: datetime
     finished_at: datetime
@@ -228,8 +233,8 @@ def read_manifest(directory: Path) -> Manifest:
     except ValidationError as exc:
         problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"])
-        raise BackupError(f"{path} is not a manifest of format {FORMAT} ({where}: "
-                          f"{problem['msg']})") from exc
+        raise BackupError(f"{path} is not a manifest of format {FORMAT} or {SHARDED_FORMAT} "
+                          f"({where}: {problem['msg']})") from exc
     for name, entry in manifest.files.items():
         file = directory / name
         if not file.is_file():
@@ -505,7 +510,8 @@ def backup(settings: Settings, directory: Path) -> Manifest:
         files = {name: FileEntry.of(directory / name) for name in (POSTGRES_FILE, REDIS_FILE)}
         crash_point("backup_before_manifest")
         manifest = Manifest(
-            format=FORMAT, orders_pipeline_version=version("orders_pipeline"),
+            format=FORMAT if redis_part.shards == 1 else SHARDED_FORMAT,
+            orders_pipeline_version=version("orders_pipeline"),
             started_at=started, finished_at=datetime.now(UTC),
             seconds=round(time.perf_counter() - clock, 3), redis=redis_part,
             postgres=postgres_part, files=files)
@@ -605,8 +611,11 @@ def _restore_keys(client: redis.Redis, path: Path, source: RedisKeys, target: Re
             if expire_at is not None and expire_at <= now_ms:
                 expired += 1
                 continue
+            # REPLACE: SCAN may return a key twice, and then the file holds it twice (the
+            # later line is the later copy); the target was checked empty before.
             pipe.restore(name.encode("utf-8", "surrogateescape"), expire_at or 0,
-                         base64.b64decode(record["dump"]), absttl=expire_at is not None)
+                         base64.b64decode(record["dump"]), absttl=expire_at is not None,
+                         replace=True)
             if len(pipe) >= KEYS_PER_ROUND_TRIP:
                 restored += len(pipe.execute())
         restored += len(pipe.execute())

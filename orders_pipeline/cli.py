@@ -858,7 +858,8 @@ def cmd_backup(settings: Settings, directory: Path) -> None:
                f"{rd.staged_batches:,} staged, {rd.quarantined_batches:,} quarantined batches "
                f"holding {rd.batch_orders:,} orders) into {directory} in {manifest.seconds:.2f} s")
     click.echo(f"  Redis snapshot at {rd.snapshot_at:%Y-%m-%d %H:%M:%S.%f %Z}: orders pushed "
-               f"after it are not in this backup; staging and promotion waited "
+               f"after it may be missing (resend them; a copy of one it holds is dropped as a "
+               f"duplicate); staging and promotion waited "
                f"{pg.ledger_paused_seconds:.3f} s")
     click.echo("  " + ", ".join(f"{name} {entry.bytes:,} bytes"
                                 for name, entry in manifest.files.items())

@@ -104,9 +104,11 @@ T = TypeVar("T")
 # between them, about 11 s in all: a restart, a Sentinel failover or a slot moving settles
 # within it.
 TRANSIENT_ATTEMPTS = 6
-# A producer's push (`QueueShard.push_batch_once`) waits longer, about 36 s in all (five more
-# backoffs of 5 s): a failed-over Sentinel master refuses writes until its old master rejoins
-# as a replica, and a push given up is a batch the producer must keep and send again.
+# A producer's push (`QueueShard.push_batch_once`) waits longer: 36 s of backoff (five more
+# steps of 5 s), plus each attempt's own time (up to WAIT_TIMEOUT_MS for a push no replica
+# confirmed, and redis-py's retries): about a minute. A failed-over Sentinel master refuses
+# writes until its old master rejoins as a replica, and a push given up is a batch the
+# producer must keep and send again (under its id: `push_batch` never queues it twice).
 PUSH_ATTEMPTS = 11
 
 

@@ -2,12 +2,17 @@
 
 import json
 import threading
+import uuid
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
-from orders_pipeline.redis_patterns.keys import RedisKeys
+from orders_pipeline.redis_patterns.keys import RedisKeys, shard_of_batch
 from orders_pipeline.redis_patterns.queue import ClaimedBatch, OrderQueue
+from orders_pipeline.redis_patterns.signals import parse_signal
 from orders_pipeline_tests.helpers import expire_leases
 from orders_pipeline_tests.servers import RedisFactory
 
@@ -238,3 +243,84 @@ def test_in_flight_orders_counts_claimed_and_staged(rconn: redis.Redis, keys: Re
     assert queue.depth() == 3
     queue.release([first.batch_id])
     assert queue.in_flight_orders() == 4
+
+
+# --- writes sent again: redis-py resends a script whose reply a dropped connection lost, and
+# a producer retries; each must have the effect of one call (review of stop 16's push).
+
+
+def signals_of(client: redis.Redis, keys: RedisKeys, batch_id: str) -> int:
+    return sum(parse_signal(entry[b"data"]).batch_id == batch_id
+               for _, entry in client.xrange(keys.signals_stream))
+
+
+@pytest.mark.parametrize("shard", [0, 2])
+def test_a_push_sent_again_queues_its_batch_once(rconn: redis.Redis, keys: RedisKeys,
+                                                 shard: int) -> None:
+    """Shard 0 (signal in the push's slot) and shard 2 of three (signal apart): the same push
+    sent three times queues 4 orders, counts 4 accepted and records one signal."""
+    sharded = RedisKeys(keys.prefix, 3)
+    queue = OrderQueue(rconn, sharded)
+    target = queue.shards[shard]
+    batch = payloads("p", 4)
+    for _ in range(3):
+        assert target.push_batch(batch, batch_id="batch-1") == "batch-1"
+    assert rconn.lrange(target.keys.ingestion, 0, -1) == batch[::-1]
+    assert int(rconn.hget(target.keys.counters, "accepted")) == 4
+    assert signals_of(rconn, sharded, "batch-1") == 1
+    assert queue.depth() == 4
+
+
+def test_a_claim_sent_again_answers_the_same_batch(rconn: redis.Redis,
+                                                   keys: RedisKeys) -> None:
+    """Stop 16's review: a claim script sent again under its batch id popped a second lot into
+    the same list and answered only that one; the first lot was deleted with the list at
+    release. Now the second call answers the first lot and claims nothing."""
+    queue = OrderQueue(rconn, keys)
+    queue.push_batch(payloads("c", 10))
+    shard = queue.shards[0]
+    first = shard.claim_batch(4, "w1", token="a" * 32)
+    again = shard.claim_batch(4, "w1", token="a" * 32)
+    assert first is not None and again is not None
+    assert again.batch_id == first.batch_id and again.payloads == first.payloads
+    assert rconn.llen(keys.batch(first.batch_id)) == 4
+    assert queue.depth() == 6
+
+
+@hypothesis_settings(max_examples=40, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.sampled_from(["push", "claim"]), st.integers(0, 2),
+                                st.integers(1, 3), st.integers(1, 6)), min_size=1,
+                      max_size=12))
+def test_writes_sent_again_have_the_effect_of_one(rconn: redis.Redis, keys: RedisKeys,
+                                                  steps: list[tuple[str, int, int, int]]
+                                                  ) -> None:
+    """The kind: pushes and claims over three shards, each sent 1-3 times under its id: every
+    order pushed is in exactly one place (a shard's queue or one batch), `accepted` counts
+    each push once, and each push has one signal."""
+    sharded = RedisKeys(f"{keys.prefix}:{uuid.uuid4().hex[:8]}", 3)
+    queue = OrderQueue(rconn, sharded)
+    pushed: list[bytes] = []
+    batches: list[str] = []
+    claimed: set[str] = set()
+    for n, (kind, shard, times, size) in enumerate(steps):
+        target = queue.shards[shard]
+        if kind == "push":
+            batch, batch_id = payloads(f"s{n}", size), f"push-{n}"
+            for _ in range(times):
+                target.push_batch(batch, batch_id=batch_id)
+            pushed += batch
+            batches.append(batch_id)
+        else:
+            token = uuid.uuid4().hex
+            answers = [target.claim_batch(size, "w", token=token) for _ in range(times)]
+            assert all(a == answers[0] for a in answers)
+            if answers[0] is not None:
+                claimed.add(answers[0].batch_id)
+    held = [p for space in sharded.shard_spaces for p in rconn.lrange(space.ingestion, 0, -1)]
+    held += [p for batch_id in claimed for p in rconn.lrange(
+        sharded.shard_spaces[shard_of_batch(batch_id)].batch(batch_id), 0, -1)]
+    assert sorted(held) == sorted(pushed)
+    assert sum(int(rconn.hget(space.counters, "accepted") or 0)
+               for space in sharded.shard_spaces) == len(pushed)
+    assert all(signals_of(rconn, sharded, batch_id) == 1 for batch_id in batches)

@@ -106,8 +106,8 @@ def test_sentinel_failover_mid_run(on_sentinel: Settings, no_loss_group: RedisSe
         promoted.append(no_loss_group.failover().port)
 
     # Pushes meet ConnectionError: a refusal (NOREPLICAS, READONLY: nothing applied) or a push
-    # no replica confirmed (NotReplicated); `push_batch_once` reads the batch's marker before
-    # pushing it again.
+    # no replica confirmed (NotReplicated); `push_batch_once` sends it again under its id, which
+    # queues nothing twice.
     output, refused = run_through_change(on_sentinel, pg, failover)
     print(f"\npushes refused during the failover: {refused}; worker warnings:\n"
           + "\n".join(transient_warnings(output)[-20:]))
@@ -207,8 +207,8 @@ def test_a_push_no_replica_confirmed_lands_once(
         sentinel_queue: tuple[redis.Redis, RedisKeys, RedisServer]) -> None:
     """Stop 16's gap: a push the replica did not confirm within WAIT_TIMEOUT_MS raised
     NotReplicated and `generate` gave up, though the orders were on the master. Now the
-    retry reads the batch's marker there, finds it, and only waits for the replica again:
-    the 300 orders are queued once, `accepted` is 300, one signal."""
+    push is sent again under its id, finds its marker there and queues nothing, and waits
+    for the replica again: the 300 orders are queued once, `accepted` is 300, one signal."""
     client, keys, replica = sentinel_queue
     batch_id, payloads, retries = stalled_replica_push(client, keys, replica, 3.0, 300)
     assert retries >= 1  # WAIT timed out (2 s) while the replica was stopped

@@ -25,7 +25,7 @@ import dagster as dg
 import psycopg
 import pytest
 import redis
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -38,7 +38,7 @@ from orders_pipeline.faults import BACKUP_CRASH_POINTS, CRASH_ENV, PAUSE_ENV, PA
 from orders_pipeline.postgres_patterns.promotion import promote_round
 from orders_pipeline.redis_patterns.backpressure import Backpressure
 from orders_pipeline.redis_patterns.keys import RedisKeys
-from orders_pipeline.redis_patterns.lookup_cache import LookupCache
+from orders_pipeline.redis_patterns.lookup_cache import LOOKUP_TABLES, LookupCache
 from orders_pipeline.redis_patterns.queue import OrderQueue
 from orders_pipeline.settings import Settings
 from orders_pipeline.worker import StagingWorker
@@ -78,6 +78,18 @@ def with_batch_size(settings: Settings, batch_size: int) -> Settings:
 def with_shards(settings: Settings, shards: int) -> Settings:
     return dataclasses.replace(settings, redis=dataclasses.replace(settings.redis,
                                                                    shards=shards))
+
+
+def with_tag(settings: Settings, lookups_from: redis.Redis | None) -> Settings:
+    """`settings` under a prefix with a hash tag: `<prefix>:{t}` (shard n: `<prefix>:{t.n}`,
+    outside `<prefix>:{t}:`); the lookup snapshot copied there from the old prefix."""
+    old = RedisKeys(settings.redis.key_prefix)
+    new = RedisKeys(f"{old.prefix}:{{t}}")
+    if lookups_from is not None:
+        for key in (*(old.lookup(table.name) for table in LOOKUP_TABLES), old.lookup_meta):
+            assert lookups_from.copy(key, new.prefix + key[len(old.prefix):])
+    return dataclasses.replace(settings, redis=dataclasses.replace(settings.redis,
+                                                                   key_prefix=new.prefix))
 
 
 def moved(settings: Settings, *, redis_port: int, pg_port: int | None = None,
@@ -287,15 +299,20 @@ STEPS = st.lists(st.sampled_from(["push", "stage", "promote", "promote_unrelease
 
 @hypothesis_settings(max_examples=8, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(steps=STEPS, shards=st.sampled_from([1, 3]))
+@example(steps=["push", "stage", "promote_unreleased", "claim_dead", "push"], shards=3,
+         tagged=True)
+@given(steps=STEPS, shards=st.sampled_from([1, 3]), tagged=st.booleans())
 def test_any_mix_of_batch_states_restores_and_resumes_exactly_once(
         settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
         loaded_cache: LookupCache, target: Settings, tmp_path: Path, steps: list[str],
-        shards: int) -> None:
+        shards: int, tagged: bool) -> None:
     """With REDIS_SHARDS 1 or 3 (each shard's queue state copied in a call of its own, and
-    restored into the same shard under the target's prefix)."""
+    restored into the same shard under the target's prefix), and prefixes with a hash tag or
+    without (a tagged prefix's shards, `{t.n}`, are not under `{t}:`)."""
     source = with_shards(fresh_example(with_batch_size(settings, 100), rconn, pg), shards)
     target = with_shards(target, shards)
+    if tagged:
+        source, target = with_tag(source, rconn), with_tag(target, None)
     keys = RedisKeys.of(source.redis)
     queue = OrderQueue(rconn, keys, lease_seconds=3600)
     refs = generator.References.load(pg)
@@ -377,13 +394,13 @@ def test_restore_refuses_incomplete_backups_and_non_empty_targets_unless_forced(
     newer = tmp_path / "newer"
     shutil.copytree(backup_dir, newer)
     (newer / MANIFEST_FILE).write_text((backup_dir / MANIFEST_FILE).read_text().replace(
-        '"format": 1', '"format": 2'))
+        '"format": 1', '"format": 3'))
     target_redis.set(f"{TARGET_PREFIX}:someone-else", "x")
     try:
         for directory, refusal in [
                 (tmp_path / "nowhere", "no backup directory"),
                 (incomplete, "holds no manifest.json: not a complete backup"),
-                (newer, "is not a manifest of format 1 (format: "),
+                (newer, "is not a manifest of format 1 or 2 (format: "),
                 (tampered, f"backup file {REDIS_FILE} in"),
                 (backup_dir, f"the restore target is not empty: Redis at 127.0.0.1:{red.port} db "
                              f"0 holds keys under {TARGET_PREFIX}:")]:

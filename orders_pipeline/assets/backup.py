@@ -96,7 +96,7 @@ def backup_op(context: dg.OpExecutionContext, config: BackupConfig, redis: Redis
         f"backed up {manifest.postgres.orders} orders and {manifest.redis.keys} Redis keys "
         f"({manifest.redis.queued_orders} queued orders, {manifest.redis.batch_orders} in "
         f"batches) into {directory} in {time.perf_counter() - started:.2f} s; Redis snapshot "
-        f"at {manifest.redis.snapshot_at.isoformat()}: orders pushed after it are not in it")
+        f"at {manifest.redis.snapshot_at.isoformat()}: orders pushed after it may be missing")
     context.add_output_metadata(backup_metadata(manifest, directory))
 
 

@@ -60,8 +60,8 @@ class RetentionConfig(dg.Config):
     name="drop_months",
     out=dg.Out(dg.Nothing),
     retry_policy=RETRY,
-    description="Drops every month before the horizon from `orders`, `order_ids`, the rollups "
-                "and the dashboard views, then their ids from `order_ids`.",
+    description="Drops every month before the horizon from `orders`, the rollups and the "
+                "dashboard views, then their ids from `order_ids`.",
 )
 @retried_only_if_transient
 def retention_op(context: dg.OpExecutionContext, config: RetentionConfig,

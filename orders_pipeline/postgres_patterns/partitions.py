@@ -62,7 +62,8 @@ class RetentionResult:
     """What retention dropped (or, with dry_run, would drop): the horizon in force after it
     (a later one set before is kept), the partitions by name, the orders in them, the ids
     removed from `order_ids` (also those an interrupted retention left), the month views
-    dropped, and the seconds promotion was locked out (the drops) and the ids took."""
+    dropped, and the seconds promotion was locked out (from the promotion lock taken to the
+    drops committed) and the ids took."""
     horizon: date
     dry_run: bool
     partitions: list[str] = field(default_factory=list)
@@ -174,7 +175,8 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
     UTC month (it would drop orders still arriving), or staged orders dated before it wait
     for promotion (promote them first: they would land in a month being dropped). Holds
     PROMOTE_LOCK and RETENTION_LOCK exclusively during the first transaction only: promotion
-    and staging wait for the drops (`locked_seconds`), not for the ids.
+    and staging wait for the drops (`locked_seconds`), not for the ids. ValueError if `conn`
+    has a transaction open (the two would become savepoints of it, committed by no one here).
     """
     try:
         horizon = validated_month(horizon)
@@ -184,11 +186,14 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
         raise RetentionRefused(
             f"retention horizon {horizon} lies after the current month: it would drop orders "
             "still arriving; give this month or an earlier one")
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise ValueError("apply_retention commits its own transactions: call it on a "
+                         "connection with none open (commit or roll back first)")
     result = RetentionResult(horizon, dry_run)
     start = month_start(horizon)
-    locked = time.perf_counter()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
+        locked = time.perf_counter()
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (RETENTION_LOCK,))
         waiting = conn.execute("SELECT count(*) FROM orders_staging WHERE order_timestamp < %s",
                                (start,)).fetchone()[0]
@@ -216,7 +221,7 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
     started = time.perf_counter()
     if dry_run:
         result.ids = int(conn.execute("SELECT count(*) FROM order_ids WHERE order_timestamp < %s",
-                                      (start,)).fetchone()[0])
+                                      (month_start(result.horizon),)).fetchone()[0])
     else:
         result.ids = forget_ids_before(conn, result.horizon)
     result.ids_seconds = time.perf_counter() - started

@@ -238,6 +238,11 @@ class RedisKeys:
         """Durable record of every completion signal, read by the sensor from its cursor."""
         return f"{self.prefix}:signals"
 
+    def pushed(self, batch_id: str) -> str:
+        """Marker (with TTL) that a batch is queued in this shard, when its signal's marker
+        `signal_seen` lives in another slot (`QueueShard.push_batch`)."""
+        return f"{self.prefix}:pushed:{batch_id}"
+
     def signal_seen(self, batch_id: str) -> str:
         """Marker (with TTL) that a batch's signal is already in the stream."""
         return f"{self.prefix}:signal:{batch_id}"

@@ -41,7 +41,12 @@ from orders_pipeline.redis_patterns.keys import (
     shard_of_batch,
     shard_of_order,
 )
-from orders_pipeline.redis_patterns.signals import CompletionSignals
+from orders_pipeline.redis_patterns.signals import (
+    SEEN_TTL_SECONDS,
+    STREAM_MAX_LEN,
+    CompletionSignals,
+    signal_message,
+)
 
 T = TypeVar("T")
 
@@ -52,7 +57,11 @@ REPLAYED_COUNTER = "replayed"
 
 # KEYS: ingestion, inflight, owners, batch, dequeued, marks
 # ARGV: count, lease_ms, batch_id, owner
+# Idempotent: a call under a batch id whose list exists answers that batch and changes nothing
+# (redis-py sends a script again when the connection drops before its reply: the claim it
+# made is answered, never a second one under the same id).
 _CLAIM = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return redis.call('LRANGE', KEYS[4], 0, -1) end
 local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if not items then return {} end
 local dequeued = redis.call('INCRBY', KEYS[5], #items)
@@ -71,20 +80,47 @@ return items
 # -> {queued, now_ms, ms of the first mark above dequeued or -1 when nothing is queued}
 # Marks above what had entered the list before these orders date orders that left it without
 # a claim (`clear --queue`): dropped. A mark is added when orders entered that no mark covers.
-_DATE_QUEUE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local queued = redis.call('LLEN', KEYS[1])
-local dequeued = tonumber(redis.call('GET', KEYS[2]) or '0')
-local entered = dequeued + queued
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '(' .. (entered - tonumber(ARGV[1])), '+inf')
-local top = redis.call('ZRANGE', KEYS[3], 0, 0, 'REV', 'WITHSCORES')
-if queued > 0 and (#top == 0 or tonumber(top[2]) < entered) then
-  redis.call('ZADD', KEYS[3], entered, string.format('%015d', now))
+_DATE_QUEUE_FUNCTION = """
+local function date_queue(list, dequeued_key, marks, pushed)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local queued = redis.call('LLEN', list)
+  local dequeued = tonumber(redis.call('GET', dequeued_key) or '0')
+  local entered = dequeued + queued
+  redis.call('ZREMRANGEBYSCORE', marks, '(' .. (entered - pushed), '+inf')
+  local top = redis.call('ZRANGE', marks, 0, 0, 'REV', 'WITHSCORES')
+  if queued > 0 and (#top == 0 or tonumber(top[2]) < entered) then
+    redis.call('ZADD', marks, entered, string.format('%015d', now))
+  end
+  if queued == 0 then return {0, now, -1} end
+  local first = redis.call('ZRANGE', marks, '(' .. dequeued, '+inf', 'BYSCORE', 'LIMIT', 0, 1)
+  return {queued, now, tonumber(first[1])}
 end
-if queued == 0 then return {0, now, -1} end
-local first = redis.call('ZRANGE', KEYS[3], '(' .. dequeued, '+inf', 'BYSCORE', 'LIMIT', 0, 1)
-return {queued, now, tonumber(first[1])}
+"""
+_DATE_QUEUE = _DATE_QUEUE_FUNCTION + """
+return date_queue(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
+"""
+
+# KEYS: the push's marker, ingestion, counters, dequeued, marks, then (signal in this slot)
+#       the signal's stream
+# ARGV: marker ttl s, signal message ('' when the signal lives in another slot), signal
+#       channel, then the payloads
+# -> 1 pushed, 0 already pushed under this id (nothing done). One atomic call, idempotent:
+# the marker is set only with the orders, so a call sent again (redis-py resends after a
+# connection drops before the reply; a producer retries) never pushes a batch twice.
+_PUSH = _DATE_QUEUE_FUNCTION + f"""
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
+local n = #ARGV - 3
+for i = 4, #ARGV, 1000 do
+  redis.call('LPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('HINCRBY', KEYS[3], 'accepted', n)
+date_queue(KEYS[2], KEYS[4], KEYS[5], n)
+if ARGV[2] ~= '' then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', {STREAM_MAX_LEN}, '*', 'data', ARGV[2])
+  redis.call('PUBLISH', ARGV[3], ARGV[2])
+end
+return 1
 """
 
 # KEYS: inflight, owners   ARGV: lease_ms, owner   -> batch id whose lease expired, or nil
@@ -210,6 +246,7 @@ class QueueShard:
         self._signal_apart = self.signals.keys.prefix != keys.prefix
         self._claim = client.register_script(_CLAIM)
         self._date_queue = client.register_script(_DATE_QUEUE)
+        self._push = client.register_script(_PUSH)
         self._reclaim = client.register_script(_RECLAIM)
         self._mark_staged = client.register_script(_MARK_STAGED)
         self._quarantine = client.register_script(_QUARANTINE)
@@ -217,50 +254,54 @@ class QueueShard:
         self._earliest_lease = client.register_script(_EARLIEST_LEASE)
 
     def push_batch(self, payloads: Sequence[bytes], batch_id: str | None = None) -> str:
-        """Enqueue one batch atomically with its accepted count and completion signal.
+        """Enqueue one batch with its accepted count and completion signal, idempotently;
+        returns the batch id (`batch_id`, or a new one).
 
-        One MULTI transaction: either the orders, the `accepted` counter and the signal all
-        land, or (e.g. Redis full under `noeviction`) none does and this raises. One attempt:
-        producers call `push_batch_once`, which rides out transient errors.
+        One Lua call (`_PUSH`) queues the orders, counts them in `accepted`, dates the queue
+        and sets the batch's marker, or, the marker being there already, does nothing: a batch
+        id is queued at most once however often the call is sent (redis-py sends a script
+        again when the connection drops before its reply; a producer retries). The marker is
+        the signal's `{P}:signal:<id>` when the signals share this shard's slot (the signal is
+        then recorded in the same call); in another shard it is `{P.n}:pushed:<id>` and the
+        signal follows in a MULTI of its own unless it is recorded already. Either the orders,
+        the count and the marker all land or (Redis full under `noeviction`) none does and
+        this raises. One attempt: producers call `push_batch_once`.
         """
         batch_id = batch_id or uuid.uuid4().hex
-        pipe = self.client.pipeline(transaction=True)
-        pipe.lpush(self.keys.ingestion, *payloads)
-        pipe.hincrby(self.keys.counters, "accepted", len(payloads))
-        queue_script(pipe, self._date_queue, self._dating_keys, [len(payloads)])
-        self._execute_with_signal(pipe, batch_id, len(payloads))
+        signals = self.signals.keys
+        dating = [self.keys.ingestion, self.keys.counters, self.keys.dequeued,
+                  self.keys.queue_marks]
+        if self._signal_apart:
+            keys = [self.keys.pushed(batch_id), *dating]
+            args = [SEEN_TTL_SECONDS, "", "", *payloads]
+        else:
+            keys = [signals.signal_seen(batch_id), *dating, signals.signals_stream]
+            args = [SEEN_TTL_SECONDS, signal_message(batch_id, len(payloads)),
+                    signals.signals_channel, *payloads]
+        self._push(keys=keys, args=args)
+        if self._signal_apart and not self.client.exists(signals.signal_seen(batch_id)):
+            pipe = self.client.pipeline(transaction=True)
+            self.signals.record(pipe, batch_id, len(payloads))
+            pipe.execute()
         # Acknowledged to the producer: on the replicas first (NotReplicated: whether the push
-        # lasts is unknown until the master is settled; its marker signal_seen tells).
+        # lasts is unknown until the master is settled; pushing again under the id tells).
         await_replication(self.client, self.keys.replication_probe)
         return batch_id
 
     def push_batch_once(self, payloads: Sequence[bytes], batch_id: str | None = None) -> str:
-        """`push_batch` through transient errors (`connections.retry_transient`), landing the
-        batch exactly once: what a producer should call.
+        """`push_batch` through transient errors (`connections.retry_transient`): the batch
+        lands exactly once, what a producer should call.
 
-        After an error the push may or may not have landed (a connection lost once the MULTI
-        was sent, a push no replica confirmed: NotReplicated). Its completion signal's marker
-        `{P}:signal:<batch id>`, read on the master of the moment, says which: written in the
-        push's MULTI, or right after it when the signals live in another slot, so a marker
-        means the orders are queued. A batch with one is only awaited on the replicas again;
-        one without is pushed again under the same id. (In the second layout a push whose
-        signal was lost is pushed twice: the copies are dropped as duplicates by id, never
-        doubled in `orders`.) Raises the last transient error after PUSH_ATTEMPTS, and
-        `push_batch`'s other errors (e.g. Redis full) at once, having pushed nothing more.
+        After an error the push may or may not have landed (a connection lost once the call
+        was sent, a push no replica confirmed: NotReplicated); it is simply sent again under
+        the same id, which queues nothing twice (`push_batch`). Raises the last transient
+        error after PUSH_ATTEMPTS (about a minute), and `push_batch`'s other errors (e.g.
+        Redis full) at once; a caller that keeps the batch and its id may send it again later
+        (within SEEN_TTL_SECONDS, the marker's life) without doubling it.
         """
         batch_id = batch_id or uuid.uuid4().hex
-        marker = self.signals.keys.signal_seen(batch_id)
-        tried = False
-
-        def attempt() -> None:
-            nonlocal tried
-            if tried and self.client.exists(marker):
-                await_replication(self.client, self.keys.replication_probe)
-                return
-            tried = True
-            self.push_batch(payloads, batch_id)
-
-        retry_transient(attempt, what=f"push {batch_id[:12]}", attempts=PUSH_ATTEMPTS)
+        retry_transient(lambda: self.push_batch(payloads, batch_id),
+                        what=f"push {batch_id[:12]}", attempts=PUSH_ATTEMPTS)
         return batch_id
 
     def _execute_with_signal(self, pipe: redis.client.Pipeline, signal_id: str,
@@ -303,9 +344,12 @@ class QueueShard:
             quarantined_batches=int(quarantined),
         )
 
-    def claim_batch(self, max_items: int, owner: str) -> ClaimedBatch | None:
-        """Atomically move up to `max_items` orders into a new leased batch."""
-        batch_id = batch_id_in(self.shard, uuid.uuid4().hex)
+    def claim_batch(self, max_items: int, owner: str, *,
+                    token: str | None = None) -> ClaimedBatch | None:
+        """Atomically move up to `max_items` orders into a new leased batch, named by `token`
+        (32 hex digits, new by default, `batch_id_in`). A claim sent again under the same
+        token answers the batch it made and claims nothing more (`_CLAIM`)."""
+        batch_id = batch_id_in(self.shard, token or uuid.uuid4().hex)
         items = self._claim(
             keys=[self.keys.ingestion, self.keys.inflight, self.keys.owners,
                   self.keys.batch(batch_id), self.keys.dequeued, self.keys.queue_marks],

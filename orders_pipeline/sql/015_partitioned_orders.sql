@@ -13,8 +13,9 @@
 -- in UTC. `orders_ensure_months(months)` creates the missing ones (init-db creates the
 -- current month and PARTITIONS_AHEAD after it; promotion creates those its rows need, so a
 -- late or future-dated order always finds its month). `orders-pipeline retention` drops whole
--- months before a horizon (recorded in `orders_retention`), from `orders`, `order_ids`, the
--- rollups and the month views in one transaction; staging rejects orders dated before it.
+-- months before a horizon (recorded in `orders_retention`) from `orders`, the rollups and the
+-- month views in one transaction, then their ids from `order_ids` in a second; staging
+-- rejects orders dated before it.
 --
 -- Migration: an unpartitioned `orders` (databases from before issue 10) is renamed, its
 -- rows are copied into the partitioned table and the guard, and it is dropped, in the
