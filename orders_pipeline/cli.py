@@ -723,7 +723,7 @@ def cmd_refresh(settings: Settings, every_month: bool) -> None:
 def cmd_retention(settings: Settings, horizon: date | None, keep_months: int | None,
                   dry_run: bool) -> None:
     """Drop whole months of orders: their partitions of `orders`, their rollup rows and their
-    month views in one short transaction (promotion waits only for it), then their ids.
+    month views, then their ids (promotion waits only for two short transactions).
 
     Orders dated before the horizon that arrive later are rejected (reason in
     `orders_rejected`). Give --before YYYY-MM or --keep-months N."""

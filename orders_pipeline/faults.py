@@ -30,6 +30,10 @@ BACKUP_CRASH_POINTS = ("backup_ledger_paused", "backup_before_manifest")
 # Points of the fan-out (`orders_pipeline.fanout`): the relay after an outbox row's entries
 # are in Redis, before the row is deleted; a consumer after its handler, before the XACK.
 FANOUT_CRASH_POINTS = ("after_relay_publish", "after_consume_handler")
+# Points of a retention (`partitions.apply_retention`): after the horizon is recorded (the
+# months not yet counted nor dropped), and after the months are dropped (their ids not yet
+# deleted from the guard).
+RETENTION_CRASH_POINTS = ("retention_after_horizon", "retention_after_drops")
 MAX_PAUSE_SECONDS = 120
 
 

@@ -4,6 +4,7 @@ for exactly the months that have orders; retention drops whole months from `orde
 guard, the rollups and the views consistently; an old unpartitioned table migrates."""
 
 import json
+import signal
 import threading
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -20,6 +21,7 @@ from psycopg import sql
 from orders_pipeline import pipeline
 from orders_pipeline.assets.retention import retention_job
 from orders_pipeline.conservation import check_conservation
+from orders_pipeline.faults import RETENTION_CRASH_POINTS
 from orders_pipeline.postgres_patterns import partitions
 from orders_pipeline.postgres_patterns.partitions import (
     HORIZON_REASON,
@@ -36,6 +38,7 @@ from orders_pipeline.redis_patterns.lookup_cache import LookupCache
 from orders_pipeline.settings import Settings
 from orders_pipeline_tests.helpers import fresh_example, pipeline_env, resources_for
 from orders_pipeline_tests.test_cli import run as cli
+from orders_pipeline_tests.test_crash_recovery import run_cli
 from orders_pipeline_tests.test_parallel_promotion import (
     SHARDS,
     START,
@@ -418,3 +421,39 @@ def test_any_retention_drops_what_its_preview_said_and_forgets_every_id(
     assert_exact(pg)
     books = check_conservation(rconn, RedisKeys.of(local.redis), pg)
     assert books.dropped_by_retention == doomed and books.balanced, books.as_dict()
+
+
+@pytest.mark.parametrize("point", RETENTION_CRASH_POINTS)
+def test_a_retention_killed_half_way_is_finished_by_the_next(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
+        loaded_cache: LookupCache, point: str) -> None:
+    """`orders-pipeline retention` SIGKILLed after it recorded the horizon, or after it
+    dropped the months: the books balance at once (the orders are still there, or counted as
+    dropped), and the next retention, even one given an earlier horizon, drops what is left
+    and deletes the ids: the same end as a retention that never died."""
+    months = [_months_back(n) for n in (3, 2, 0)]
+    payloads = _month_orders(pg, dict.fromkeys(months, 25), seed=21)
+    _promote(settings, rconn, payloads)
+    horizon = months[2]
+    keys = RedisKeys.of(settings.redis)
+    pg.commit()
+
+    killed = run_cli(settings, "retention", "--before", f"{horizon:%Y-%m}", crash_at=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert partitions.retention_horizon(pg) == horizon
+    books = check_conservation(rconn, keys, pg)
+    assert books.balanced, books.as_dict()
+    assert books.dropped_by_retention == (0 if point == "retention_after_horizon" else 50)
+    pg.commit()
+
+    earlier = partitions.add_months(months[0], -1)
+    finished = run_cli(settings, "retention", "--before", f"{earlier:%Y-%m}")
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.startswith(f"retention before {horizon:%Y-%m}: dropped ")
+    assert min(partition_months(pg)) >= horizon
+    assert pg.execute("SELECT count(*) FROM orders").fetchone()[0] == 25
+    assert_guard_matches_orders(pg)
+    refresh_views(pg)
+    assert_exact(pg)
+    books = check_conservation(rconn, keys, pg)
+    assert books.dropped_by_retention == 50 and books.balanced, books.as_dict()

@@ -2,11 +2,11 @@
 
 It runs `pipeline.apply_retention` (the same as `orders-pipeline retention`) with the horizon
 of its config (launchpad `ops: drop_months: config: {keep_months: 36}` or
-`{before: "2024-01"}`; `dry_run: true` only reports). One short transaction drops the months'
-partitions of `orders`, their rollup rows and month views, a second their ids in `order_ids`
-(promotion waits only for the first); the step's metadata lists them, with both durations. A
-refusal (a horizon after this month, staged orders before it) fails the run without retries:
-retrying cannot change it.
+`{before: "2024-01"}`; `dry_run: true` only reports): the months' partitions of `orders`,
+their rollup rows and month views, then their ids in `order_ids` (promotion waits only for two
+short transactions); the step's metadata lists them, with how long promotion was locked out
+and how long the ids took. A refusal (a horizon after this month, staged orders before it)
+fails the run without retries: retrying cannot change it.
 """
 
 from datetime import date

@@ -8,15 +8,15 @@ creates the current month and the next three, and `ensure_ahead` (called by the
 one (creating a partition locks `orders` until its transaction commits).
 
 Retention (`apply_retention`, CLI `orders-pipeline retention`) drops every month before a
-horizon in one short transaction: the partitions, the rollup rows and the month views of both
-dashboard views, and records the horizon, under which staging rejects orders dated before it
-(`retention_horizon`, `staging.stage_batch`). That transaction holds the promotion lock; the
-ids of the dropped orders are then deleted from `order_ids` in a second transaction, without
-it (`forget_ids_before`: one pass over the whole guard, which has no index by time), so
-promotion waits only for the drops. Ids of dropped orders are forgotten with them: a copy of
-one that arrives later is rejected if it is dated before the horizon, and stored again if it
-is dated after it (until the ids are deleted it is refused as a copy, counted as a promotion
-conflict; an interrupted deletion is finished by the next retention).
+horizon: the partitions, the rollup rows and the month views of both dashboard views, and
+records the horizon, under which staging rejects orders dated before it (`retention_horizon`,
+`staging.stage_batch`). Promotion waits only for two short transactions (recording the horizon;
+dropping the months): the dropped orders are counted between them, and their ids are deleted
+from `order_ids` after them (`forget_ids_before`: one pass over the whole guard, which has no
+index by time), both without the promotion lock. Ids of dropped orders are forgotten with them:
+a copy of one that arrives later is rejected if it is dated before the horizon, and stored
+again if it is dated after it (until the ids are deleted it is refused as a copy, counted as a
+promotion conflict; an interrupted deletion is finished by the next retention).
 """
 
 import re
@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime
 import psycopg
 from psycopg import sql
 
+from orders_pipeline.faults import crash_point
 from orders_pipeline.postgres_patterns.views import (
     PROMOTE_LOCK,
     drop_slices_before,
@@ -167,16 +168,27 @@ def retention_horizon(conn: psycopg.Connection) -> date | None:
 def apply_retention(conn: psycopg.Connection, horizon: date, *,
                     dry_run: bool = False) -> RetentionResult:
     """Drop every month before `horizon` (the first day of a month) from `orders`, the
-    rollups and the dashboard views in one transaction committed here, then their ids from
-    `order_ids` in a second (`forget_ids_before`, for the horizon in force); with `dry_run`
-    the first is rolled back and the ids are only counted: what it would drop.
+    rollups and the dashboard views, then their ids from `order_ids`, in transactions
+    committed here; with `dry_run`, report what it would drop and change nothing.
+
+    Four steps, so that promotion waits only for two short ones (`locked_seconds`):
+    1. under PROMOTE_LOCK and RETENTION_LOCK (exclusive): refuse if staged orders dated before
+       the horizon wait; record the horizon (the later of it and the one in force), from
+       which on staging rejects orders dated before it;
+    2. without the locks: count the orders of each partition before the horizon in force
+       (exact, a term of conservation; nothing enters those months any more);
+    3. under both locks again: drop those partitions, the rollup rows and month views before
+       the horizon, and add the counted orders to `orders_retention.dropped_orders`;
+    4. without the locks: `forget_ids_before` the horizon in force.
+    A retention that died after step 1 or 3 is finished by the next one (given any horizon).
+    A dry run does steps 1-3 in one transaction it rolls back (holding the locks while it
+    counts) and counts the ids of step 4.
 
     Raises RetentionRefused if `horizon` is not the first of a month, lies after the current
     UTC month (it would drop orders still arriving), or staged orders dated before it wait
-    for promotion (promote them first: they would land in a month being dropped). Holds
-    PROMOTE_LOCK and RETENTION_LOCK exclusively during the first transaction only: promotion
-    and staging wait for the drops (`locked_seconds`), not for the ids. ValueError if `conn`
-    has a transaction open (the two would become savepoints of it, committed by no one here).
+    for promotion (promote them first: they would land in a month being dropped). ValueError
+    if `conn` has a transaction open (the steps would become savepoints of it, committed by
+    no one here).
     """
     try:
         horizon = validated_month(horizon)
@@ -190,42 +202,85 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
         raise ValueError("apply_retention commits its own transactions: call it on a "
                          "connection with none open (commit or roll back first)")
     result = RetentionResult(horizon, dry_run)
-    start = month_start(horizon)
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
-        locked = time.perf_counter()
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (RETENTION_LOCK,))
-        waiting = conn.execute("SELECT count(*) FROM orders_staging WHERE order_timestamp < %s",
-                               (start,)).fetchone()[0]
-        if waiting:
-            raise RetentionRefused(
-                f"{waiting} staged orders are dated before {horizon} and wait for promotion; "
-                "run `orders-pipeline promote`, then retention again")
-        doomed = [p for p in partitions(conn) if p.month < horizon]
-        for partition in doomed:  # counted exactly: a term of conservation
-            relation = sql.Identifier(partition.name)
-            result.orders += int(conn.execute(
-                sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()[0])
-            conn.execute(sql.SQL("DROP TABLE {}").format(relation))
-            result.partitions.append(partition.name)
-        result.view_slices = drop_slices_before(conn, horizon)
-        result.horizon = conn.execute(
-            "INSERT INTO orders_retention (horizon, dropped_orders) VALUES (%s, %s)"
-            " ON CONFLICT (singleton) DO UPDATE SET"
-            " horizon = greatest(orders_retention.horizon, EXCLUDED.horizon),"
-            " dropped_orders = orders_retention.dropped_orders + EXCLUDED.dropped_orders,"
-            " applied_at = now() RETURNING horizon", (horizon, result.orders)).fetchone()[0]
-        if dry_run:
-            raise psycopg.Rollback()  # leaves the block, rolled back; nothing raised
-    result.locked_seconds = time.perf_counter() - locked
-    started = time.perf_counter()
     if dry_run:
+        with conn.transaction():
+            _set_horizon(conn, result)
+            _drop_months(conn, result, _count_months(conn, result.horizon))
+            raise psycopg.Rollback()  # leaves the block, rolled back; nothing raised
+        started = time.perf_counter()
         result.ids = int(conn.execute("SELECT count(*) FROM order_ids WHERE order_timestamp < %s",
                                       (month_start(result.horizon),)).fetchone()[0])
-    else:
-        result.ids = forget_ids_before(conn, result.horizon)
+        result.ids_seconds = time.perf_counter() - started
+        return result
+    with conn.transaction():
+        _set_horizon(conn, result)
+    crash_point("retention_after_horizon")
+    with conn.transaction():
+        counts = _count_months(conn, result.horizon)
+    with conn.transaction():
+        _drop_months(conn, result, counts)
+    crash_point("retention_after_drops")
+    started = time.perf_counter()
+    result.ids = forget_ids_before(conn, result.horizon)
     result.ids_seconds = time.perf_counter() - started
     return result
+
+
+def _lock_out_promotion(conn: psycopg.Connection) -> float:
+    """Take PROMOTE_LOCK and RETENTION_LOCK exclusively for the transaction; returns the
+    `time.perf_counter()` at which promotion was locked out."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (PROMOTE_LOCK,))
+    locked = time.perf_counter()
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (RETENTION_LOCK,))
+    return locked
+
+
+def _set_horizon(conn: psycopg.Connection, result: RetentionResult) -> None:
+    """Step 1 of `apply_retention`, inside the caller's transaction; sets `result.horizon` to
+    the horizon in force. Raises RetentionRefused when staged orders dated before it wait."""
+    locked = _lock_out_promotion(conn)
+    waiting = conn.execute("SELECT count(*) FROM orders_staging WHERE order_timestamp < %s",
+                           (month_start(result.horizon),)).fetchone()[0]
+    if waiting:
+        raise RetentionRefused(
+            f"{waiting} staged orders are dated before {result.horizon} and wait for "
+            "promotion; run `orders-pipeline promote`, then retention again")
+    result.horizon = conn.execute(
+        "INSERT INTO orders_retention (horizon, dropped_orders) VALUES (%s, 0)"
+        " ON CONFLICT (singleton) DO UPDATE SET"
+        " horizon = greatest(orders_retention.horizon, EXCLUDED.horizon), applied_at = now()"
+        " RETURNING horizon", (result.horizon,)).fetchone()[0]
+    result.locked_seconds += time.perf_counter() - locked
+
+
+def _count_months(conn: psycopg.Connection, horizon: date) -> dict[str, int]:
+    """Step 2: the orders in each partition before `horizon`, by partition name."""
+    return {p.name: int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(p.name))).fetchone()[0])
+            for p in partitions(conn) if p.month < horizon}
+
+
+def _drop_months(conn: psycopg.Connection, result: RetentionResult,
+                 counts: dict[str, int]) -> None:
+    """Step 3, inside the caller's transaction: drop the partitions before `result.horizon`
+    (their orders as `counts` says; one it lacks is counted now), the rollup rows and month
+    views; add the orders to `orders_retention.dropped_orders`."""
+    locked = _lock_out_promotion(conn)
+    for partition in partitions(conn):
+        if partition.month >= result.horizon:
+            continue
+        relation = sql.Identifier(partition.name)
+        orders = counts.get(partition.name)
+        if orders is None:
+            orders = int(conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()[0])
+        conn.execute(sql.SQL("DROP TABLE {}").format(relation))
+        result.orders += orders
+        result.partitions.append(partition.name)
+    result.view_slices = drop_slices_before(conn, result.horizon)
+    conn.execute("UPDATE orders_retention SET dropped_orders = dropped_orders + %s",
+                 (result.orders,))
+    result.locked_seconds += time.perf_counter() - locked
 
 
 def forget_ids_before(conn: psycopg.Connection, horizon: date) -> int:

@@ -14,7 +14,7 @@
 -- current month and PARTITIONS_AHEAD after it; promotion creates those its rows need, so a
 -- late or future-dated order always finds its month). `orders-pipeline retention` drops whole
 -- months before a horizon (recorded in `orders_retention`) from `orders`, the rollups and the
--- month views in one transaction, then their ids from `order_ids` in a second; staging
+-- month views, then their ids from `order_ids` (`partitions.apply_retention`); staging
 -- rejects orders dated before it.
 --
 -- Migration: an unpartitioned `orders` (databases from before issue 10) is renamed, its
