@@ -324,3 +324,19 @@ def test_writes_sent_again_have_the_effect_of_one(rconn: redis.Redis, keys: Redi
     assert sum(int(rconn.hget(space.counters, "accepted") or 0)
                for space in sharded.shard_spaces) == len(pushed)
     assert all(signals_of(rconn, sharded, batch_id) == 1 for batch_id in batches)
+
+
+def test_orders_sent_again_under_their_id_are_queued_once_in_every_shard(
+        rconn: redis.Redis, keys: RedisKeys) -> None:
+    """A producer whose `push_orders` failed part-way (some shards' parts queued) sends the
+    same orders again under the same id: each shard holds its part once."""
+    sharded = RedisKeys(keys.prefix, 3)
+    queue = OrderQueue(rconn, sharded)
+    batch = payloads("o", 30)
+    ids = [json.loads(p)["order_id"].encode() for p in batch]
+    first = queue.push_orders(batch, ids, batch_id="send-1")
+    again = queue.push_orders(batch, ids, batch_id="send-1")
+    assert first == again and len(first) == 3
+    assert sorted(p for space in sharded.shard_spaces
+                  for p in rconn.lrange(space.ingestion, 0, -1)) == sorted(batch)
+    assert all(signals_of(rconn, sharded, part) == 1 for part in first)

@@ -610,19 +610,26 @@ class OrderQueue:
         (`QueueShard.push_batch_once`); returns its signal id."""
         return self.shards[shard].push_batch_once(payloads, batch_id)
 
-    def push_orders(self, payloads: Sequence[bytes], order_ids: Sequence[bytes | None]
-                    ) -> list[str]:
+    def push_orders(self, payloads: Sequence[bytes], order_ids: Sequence[bytes | None],
+                    batch_id: str | None = None) -> list[str]:
         """Enqueue payloads, each in the shard of its order id (`keys.shard_of_order`; None,
         for a payload without a readable id, goes to shard 0), one batch and signal per shard
         used, in the given order within each, each exactly once through transient errors
-        (`QueueShard.push_batch_once`). Returns the signal ids."""
+        (`QueueShard.push_batch_once`). Returns the signal ids.
+
+        `batch_id` (new by default) names the pushes: the batch itself with one shard, its
+        part for shard n `<batch_id>.p<n>` with several; a caller that got an error may send
+        the same payloads again under the same id, and no part already queued is queued
+        again (`QueueShard.push_batch`)."""
+        batch_id = batch_id or uuid.uuid4().hex
         if len(self.shards) == 1:
-            return [self.push_batch(payloads)]
+            return [self.push_batch(payloads, batch_id)]
         parts: dict[int, list[bytes]] = defaultdict(list)
         for payload, order_id in zip(payloads, order_ids, strict=True):
             parts[0 if order_id is None else shard_of_order(order_id, len(self.shards))
                   ].append(payload)
-        return [self.push_batch(part, shard=n) for n, part in sorted(parts.items())]
+        return [self.push_batch(part, f"{batch_id}.p{n}", shard=n)
+                for n, part in sorted(parts.items())]
 
     def gauges(self) -> QueueGauges:
         return QueueGauges.combined(self._each(QueueShard.gauges))
