@@ -32,9 +32,9 @@ from tqdm import tqdm
 from benchmarks import raw_limits
 from benchmarks.host import ProcessSampler, machine_info
 from benchmarks.preload import preload_orders
-from benchmarks.scratch import bench_settings, delete_keys, drop_database
+from benchmarks.scratch import bench_settings, remove_scratch
 from orders_pipeline import generator, pipeline
-from orders_pipeline.connections import close_all, pg_connect, redis_client
+from orders_pipeline.connections import pg_connect, redis_client
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
 from orders_pipeline.postgres_patterns.views import ROLLUPS, VIEWS, rollup_upsert
 from orders_pipeline.redis_patterns.backpressure import Backpressure
@@ -246,18 +246,19 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 def poll_dashboard(settings: Settings, stop: Event, interval: float,
                    reports: Reports) -> dict[str, list[tuple[float, float]]]:
     """A dashboard polling the views (DASHBOARD_QUERIES, then a pause of `interval` s) until
-    `stop`; reports ("dashboard", "ready", None) once connected. Returns per query its
-    samples: (wall-clock time it started, as `time.time()`; seconds it took)."""
+    `stop`, one round at least; reports ("dashboard", "ready", None) once connected. Returns
+    per query its samples: (wall-clock time it started, as `time.time()`; seconds it took)."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in DASHBOARD_QUERIES}
     with pg_connect(settings.postgres) as conn:
         conn.autocommit = True
         reports.put(("dashboard", "ready", None))
-        while not stop.is_set():
+        while True:  # one round at least, however soon the run ends
             for name, query in DASHBOARD_QUERIES.items():
                 at, started = time.time(), time.perf_counter()
                 conn.execute(query).fetchall()
                 samples[name].append((at, time.perf_counter() - started))
-            stop.wait(interval)
+            if stop.wait(interval):
+                break
     return samples
 
 
@@ -699,11 +700,7 @@ def run_benchmark(settings: Settings, options: BenchmarkOptions,
     try:
         measured = _measure(bench, options, show_progress)
     finally:
-        close_all()  # the pools hold connections to the database about to be dropped
-        try:
-            delete_keys(bench.redis)
-        finally:
-            drop_database(bench.postgres)
+        remove_scratch(bench)
     return {"started_at": started_at, "database": bench.postgres.dbname,
             "key_prefix": bench.redis.key_prefix,
             "options": dict(options.__dict__),

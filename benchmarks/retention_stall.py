@@ -27,9 +27,9 @@ from typing import Any
 from benchmarks.end_to_end import percentiles
 from benchmarks.host import machine_info
 from benchmarks.preload import GUARD, preload_orders
-from benchmarks.scratch import bench_settings, delete_keys, drop_database
+from benchmarks.scratch import bench_settings, remove_scratch
 from orders_pipeline import pipeline
-from orders_pipeline.connections import close_all, pg_connect
+from orders_pipeline.connections import pg_connect
 from orders_pipeline.postgres_patterns.partitions import horizon_keeping
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
 from orders_pipeline.postgres_patterns.views import PROMOTE_LOCK
@@ -120,11 +120,7 @@ def run_retention(settings: Settings, options: RetentionOptions) -> dict[str, An
         result["guard_after"] = _guard_size(bench)
         result["promotion_wait"] = percentiles(waits)  # ms, and the count
     finally:
-        close_all()
-        try:
-            delete_keys(bench.redis)
-        finally:
-            drop_database(bench.postgres)
+        remove_scratch(bench)
     return result
 
 

@@ -84,9 +84,9 @@ from benchmarks.preload import (
     preload_orders,
     uuid4_ids,
 )
-from benchmarks.scratch import bench_settings, delete_keys, drop_database
+from benchmarks.scratch import bench_settings, remove_scratch
 from orders_pipeline import generator, pipeline
-from orders_pipeline.connections import close_all, pg_connect, redis_client
+from orders_pipeline.connections import pg_connect, redis_client
 from orders_pipeline.postgres_patterns.partitions import month_of, partitions
 from orders_pipeline.postgres_patterns.promotion import ORDER_COLUMNS, promote_round
 from orders_pipeline.postgres_patterns.schema import apply_schema, ensure_database
@@ -690,11 +690,7 @@ def run_curve(settings: Settings, options: CurveOptions,
             raise BenchmarkFailed(f"orders counted {verified['counted']}, expected "
                                   f"{present:,}")
     finally:
-        close_all()
-        try:
-            delete_keys(bench.redis)
-        finally:
-            drop_database(bench.postgres)
+        remove_scratch(bench)
     result.update(complete=True, load_average_after=os.getloadavg())
     return result
 

@@ -27,6 +27,17 @@ def drop_database(postgres: PostgresSettings) -> None:
                      .format(sql.Identifier(postgres.dbname)))
 
 
+def remove_scratch(bench: Settings) -> None:
+    """Remove the scratch key prefix and database of `bench` (`bench_settings`): this
+    process's pools closed first (they hold connections to the database), the database
+    dropped even if deleting the keys failed."""
+    close_all()
+    try:
+        delete_keys(bench.redis)
+    finally:
+        drop_database(bench.postgres)
+
+
 def delete_keys(redis_settings: RedisSettings) -> int:
     """Delete every key under the prefix of `redis_settings`; returns how many went."""
     return unlink_matching(redis_client(redis_settings),

@@ -109,7 +109,8 @@ KEYS_PER_ROUND_TRIP = 500
 # Key families (`{P}:<family>...`) safe to copy before the queue state, key by key: the dedup
 # window, the lookup snapshot, signal and push markers, the rate window (see the module
 # docstring). Every other key is copied atomically with the queue state, a future one too.
-EARLY_FAMILIES = frozenset({"dedup", "dedupcount", "lookup", "pushed", "signal", "window"})
+EARLY_FAMILIES = frozenset({"claimed", "dedup", "dedupcount", "lookup", "pushed", "signal",
+                            "window"})
 PG_INSTALL_ROOT = Path("/usr/lib/postgresql")  # Debian's versioned client tools
 
 # KEYS: ingestion, inflight, staged, quarantined, redriven, counters, then the rest of the

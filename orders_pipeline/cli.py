@@ -1102,8 +1102,9 @@ def _clear_queue(client: redis.Redis, keys: RedisKeys) -> dict[str, int]:
         for name in ("ingestion", "dequeued", "queue_marks", "inflight", "owners", "staged",
                      "redriven", "counters"):
             removed[getattr(space, name)] = int(client.unlink(getattr(space, name)))
-        removed[f"{space.prefix}:batch:*"] = unlink_matching(
-            client, f"{glob_escape(space.prefix)}:batch:*")
+        for family in ("batch", "claimed", "pushed"):  # batch lists and their markers
+            removed[f"{space.prefix}:{family}:*"] = unlink_matching(
+                client, f"{glob_escape(space.prefix)}:{family}:*")
     for key in (keys.order_window, keys.signals_stream):
         removed[key] = int(client.unlink(key))
     removed[f"{keys.prefix}:signal:*"] = unlink_matching(

@@ -457,3 +457,31 @@ def test_a_retention_killed_half_way_is_finished_by_the_next(
     assert_exact(pg)
     books = check_conservation(rconn, keys, pg)
     assert books.dropped_by_retention == 50 and books.balanced, books.as_dict()
+
+
+def test_retentions_run_one_at_a_time(
+        settings: Settings, rconn: redis.Redis, pg: psycopg.Connection,
+        loaded_cache: LookupCache) -> None:
+    """A retention waits while another runs (its session lock over every step), so none
+    counts a partition the other drops; then it finds nothing left to drop."""
+    months = [_months_back(n) for n in (2, 0)]
+    _promote(settings, rconn, _month_orders(pg, dict.fromkeys(months, 10), seed=31))
+    pg.commit()
+    results: list[partitions.RetentionResult] = []
+    with psycopg.connect(**settings.postgres.conninfo(via_pgbouncer=False),
+                         autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtext(%s))",
+                      (partitions.RETENTION_RUN_LOCK,))
+        waiting = threading.Thread(
+            target=lambda: results.append(pipeline.apply_retention(settings, months[1])))
+        waiting.start()
+        waiting.join(timeout=2)
+        assert waiting.is_alive() and partitions.retention_horizon(pg) is None
+        pg.commit()
+        other.execute("SELECT pg_advisory_unlock(hashtext(%s))",
+                      (partitions.RETENTION_RUN_LOCK,))
+    waiting.join(timeout=60)
+    [result] = results
+    assert (result.orders, result.ids) == (10, 10)
+    again = apply_retention(pg, months[1])
+    assert (again.orders, again.ids, again.partitions) == (0, 0, [])

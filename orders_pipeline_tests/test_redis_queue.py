@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from orders_pipeline.redis_patterns.keys import RedisKeys, shard_of_batch
+from orders_pipeline.redis_patterns.keys import RedisKeys, shard_of_batch, shard_of_order
 from orders_pipeline.redis_patterns.queue import ClaimedBatch, OrderQueue
 from orders_pipeline.redis_patterns.signals import parse_signal
 from orders_pipeline_tests.helpers import expire_leases
@@ -285,6 +285,18 @@ def test_a_claim_sent_again_answers_the_same_batch(rconn: redis.Redis,
     assert again.batch_id == first.batch_id and again.payloads == first.payloads
     assert rconn.llen(keys.batch(first.batch_id)) == 4
     assert queue.depth() == 6
+    # Sent again once the batch was released (reclaimed, promoted and released by another
+    # worker while this one waited for a reply): it claims nothing, the queue keeps its six.
+    queue.release([first.batch_id])
+    assert shard.claim_batch(4, "w1", token="a" * 32) is None
+    assert queue.depth() == 6 and not rconn.exists(keys.batch(first.batch_id))
+
+
+def test_an_empty_push_is_refused(rconn: redis.Redis, keys: RedisKeys) -> None:
+    queue = OrderQueue(rconn, keys)
+    with pytest.raises(ValueError, match="at least one order"):
+        queue.push_batch([])
+    assert not rconn.exists(keys.signals_stream, keys.counters)
 
 
 @hypothesis_settings(max_examples=40, deadline=None,
@@ -328,15 +340,20 @@ def test_writes_sent_again_have_the_effect_of_one(rconn: redis.Redis, keys: Redi
 
 def test_orders_sent_again_under_their_id_are_queued_once_in_every_shard(
         rconn: redis.Redis, keys: RedisKeys) -> None:
-    """A producer whose `push_orders` failed part-way (some shards' parts queued) sends the
-    same orders again under the same id: each shard holds its part once."""
+    """A producer whose `push_orders` failed part-way (shard 1's part queued, the others
+    not) sends the same orders again under the same id: each shard holds its part once, and
+    `accepted` counts each order once."""
     sharded = RedisKeys(keys.prefix, 3)
     queue = OrderQueue(rconn, sharded)
     batch = payloads("o", 30)
     ids = [json.loads(p)["order_id"].encode() for p in batch]
-    first = queue.push_orders(batch, ids, batch_id="send-1")
-    again = queue.push_orders(batch, ids, batch_id="send-1")
-    assert first == again and len(first) == 3
+    part_1 = [p for p, i in zip(batch, ids, strict=True) if shard_of_order(i, 3) == 1]
+    assert 0 < len(part_1) < 30
+    queue.shards[1].push_batch(part_1, "send-1.p1")  # what got through before the error
+    parts = queue.push_orders(batch, ids, batch_id="send-1")
+    assert parts == ["send-1.p0", "send-1.p1", "send-1.p2"]
     assert sorted(p for space in sharded.shard_spaces
                   for p in rconn.lrange(space.ingestion, 0, -1)) == sorted(batch)
-    assert all(signals_of(rconn, sharded, part) == 1 for part in first)
+    assert sum(int(rconn.hget(space.counters, "accepted")) for space in sharded.shard_spaces
+               ) == 30
+    assert all(signals_of(rconn, sharded, part) == 1 for part in parts)

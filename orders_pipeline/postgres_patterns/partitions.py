@@ -19,8 +19,10 @@ again if it is dated after it (until the ids are deleted it is refused as a copy
 promotion conflict; an interrupted deletion is finished by the next retention).
 """
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
@@ -39,6 +41,8 @@ PARTITIONS_AHEAD = 3
 # exclusively while it moves the horizon (so no batch is staged under the old horizon after
 # retention looked at staging).
 RETENTION_LOCK = "orders_pipeline.retention"
+# One retention at a time (a session lock over all its steps; promotion never takes it).
+RETENTION_RUN_LOCK = "orders_pipeline.retention.run"
 HORIZON_REASON = ("order_timestamp is before the retention horizon {horizon} (months before "
                   "it were dropped by `orders-pipeline retention`)")
 
@@ -202,14 +206,36 @@ def apply_retention(conn: psycopg.Connection, horizon: date, *,
         raise ValueError("apply_retention commits its own transactions: call it on a "
                          "connection with none open (commit or roll back first)")
     result = RetentionResult(horizon, dry_run)
+    with _one_retention_at_a_time(conn):
+        return _apply_retention(conn, result)
+
+
+@contextlib.contextmanager
+def _one_retention_at_a_time(conn: psycopg.Connection) -> Iterator[None]:
+    """Hold RETENTION_RUN_LOCK (a session lock, not promotion's) for the block: a second
+    retention waits, so none counts a partition another is dropping."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (RETENTION_RUN_LOCK,))
+    try:
+        yield
+    finally:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (RETENTION_RUN_LOCK,))
+
+
+def _apply_retention(conn: psycopg.Connection, result: RetentionResult) -> RetentionResult:
+    """The steps of `apply_retention`, whose arguments are checked."""
+    dry_run = result.dry_run
     if dry_run:
         with conn.transaction():
             _set_horizon(conn, result)
             _drop_months(conn, result, _count_months(conn, result.horizon))
             raise psycopg.Rollback()  # leaves the block, rolled back; nothing raised
         started = time.perf_counter()
-        result.ids = int(conn.execute("SELECT count(*) FROM order_ids WHERE order_timestamp < %s",
-                                      (month_start(result.horizon),)).fetchone()[0])
+        with conn.transaction():
+            result.ids = int(conn.execute(
+                "SELECT count(*) FROM order_ids WHERE order_timestamp < %s",
+                (month_start(result.horizon),)).fetchone()[0])
         result.ids_seconds = time.perf_counter() - started
         return result
     with conn.transaction():

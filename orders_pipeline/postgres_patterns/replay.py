@@ -215,6 +215,10 @@ WITH source AS (
     JOIN replay_batches b ON b.batch_id = s.batch_id
     JOIN orders o ON o.order_id = s.order_id
     WHERE s.batch_id = ANY(%(batches)s)
+      -- A stored order dated before the retention horizon is in a month being dropped: never
+      -- moved out of it (retention counted that month's orders without a lock).
+      AND o.order_timestamp >= coalesce(
+          (SELECT horizon::timestamp AT TIME ZONE 'UTC' FROM orders_retention), '-infinity')
       AND (o.batch_id = b.source_batch_id OR EXISTS (
               SELECT 1 FROM replay_batches x
               WHERE x.batch_id = o.batch_id AND x.source_batch_id = b.source_batch_id))

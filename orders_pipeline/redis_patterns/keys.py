@@ -238,6 +238,10 @@ class RedisKeys:
         """Durable record of every completion signal, read by the sensor from its cursor."""
         return f"{self.prefix}:signals"
 
+    def claimed(self, batch_id: str) -> str:
+        """Marker (with TTL) that a claim under this batch id took orders (`_CLAIM`)."""
+        return f"{self.prefix}:claimed:{batch_id}"
+
     def pushed(self, batch_id: str) -> str:
         """Marker (with TTL) that a batch is queued in this shard, when its signal's marker
         `signal_seen` lives in another slot (`QueueShard.push_batch`)."""

@@ -19,6 +19,7 @@ the list; a list deleted by hand loses its marks at the next push or reading, un
 LPUSHes have refilled it past its old length by then (those orders then read as older).
 """
 
+import logging
 import random
 import uuid
 from collections import defaultdict
@@ -49,21 +50,26 @@ from orders_pipeline.redis_patterns.signals import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # `{P}:counters` fields: orders put back in flight by a re-drive of rejected orders, and by a
 # replay of archived batches.
 REDRIVEN_COUNTER = "redriven"
 REPLAYED_COUNTER = "replayed"
+# How long a claim's marker lives: far longer than redis-py's retries of one call (minutes).
+CLAIM_MARKER_TTL_SECONDS = 3600
 
-# KEYS: ingestion, inflight, owners, batch, dequeued, marks
-# ARGV: count, lease_ms, batch_id, owner
-# Idempotent: a call under a batch id whose list exists answers that batch and changes nothing
-# (redis-py sends a script again when the connection drops before its reply: the claim it
-# made is answered, never a second one under the same id).
+# KEYS: ingestion, inflight, owners, batch, dequeued, marks, claim marker
+# ARGV: count, lease_ms, batch_id, owner, marker ttl s
+# Idempotent: a call under a batch id that claimed orders before (its marker, which outlives
+# the batch's release) answers what its list holds now and claims nothing (redis-py sends a
+# script again when the connection drops before its reply, possibly after the batch was
+# reclaimed, promoted and released by another worker: never a second lot under that id).
 _CLAIM = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return redis.call('LRANGE', KEYS[4], 0, -1) end
+if redis.call('EXISTS', KEYS[7]) == 1 then return redis.call('LRANGE', KEYS[4], 0, -1) end
 local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if not items then return {} end
+redis.call('SET', KEYS[7], 1, 'EX', tonumber(ARGV[5]))
 local dequeued = redis.call('INCRBY', KEYS[5], #items)
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', dequeued)
 for i = 1, #items, 1000 do
@@ -267,6 +273,8 @@ class QueueShard:
         the count and the marker all land or (Redis full under `noeviction`) none does and
         this raises. One attempt: producers call `push_batch_once`.
         """
+        if not payloads:
+            raise ValueError("a batch holds at least one order")
         batch_id = batch_id or uuid.uuid4().hex
         signals = self.signals.keys
         dating = [self.keys.ingestion, self.keys.counters, self.keys.dequeued,
@@ -278,7 +286,10 @@ class QueueShard:
             keys = [signals.signal_seen(batch_id), *dating, signals.signals_stream]
             args = [SEEN_TTL_SECONDS, signal_message(batch_id, len(payloads)),
                     signals.signals_channel, *payloads]
-        self._push(keys=keys, args=args)
+        if not self._push(keys=keys, args=args):
+            log.warning("push %s: already queued under this id; nothing pushed again (an id "
+                        "names one batch for %d s: never reuse one for other orders)",
+                        batch_id, SEEN_TTL_SECONDS)
         if self._signal_apart and not self.client.exists(signals.signal_seen(batch_id)):
             pipe = self.client.pipeline(transaction=True)
             self.signals.record(pipe, batch_id, len(payloads))
@@ -352,8 +363,9 @@ class QueueShard:
         batch_id = batch_id_in(self.shard, token or uuid.uuid4().hex)
         items = self._claim(
             keys=[self.keys.ingestion, self.keys.inflight, self.keys.owners,
-                  self.keys.batch(batch_id), self.keys.dequeued, self.keys.queue_marks],
-            args=[max_items, self.lease_ms, batch_id, owner],
+                  self.keys.batch(batch_id), self.keys.dequeued, self.keys.queue_marks,
+                  self.keys.claimed(batch_id)],
+            args=[max_items, self.lease_ms, batch_id, owner, CLAIM_MARKER_TTL_SECONDS],
         )
         if not items:
             return None
