@@ -335,8 +335,9 @@ class _KeyFile:
         self.spaces = keys.shard_spaces
         self.by_family: dict[str, int] = {}
 
-    def family(self, name: str) -> str:
-        space = self.spaces[_space_of(name, self.spaces)]
+    def family(self, name: str, space: RedisKeys | None = None) -> str:
+        """`<family>` of `{P}:<family>...`, under `space` (found by `_space_of` if not given)."""
+        space = space or self.spaces[_space_of(name, self.spaces)]
         return name[len(space.prefix) + 1:].split(":", 1)[0]
 
     def write(self, key: bytes, pttl: int, payload: bytes, now_ms: int) -> None:
@@ -356,9 +357,10 @@ class _KeyFile:
             for key in client.scan_iter(match=pattern, count=KEYS_PER_ROUND_TRIP):
                 name = key.decode("utf-8", "surrogateescape")
                 shard = _space_of(name, self.spaces)
-                if self.family(name) in EARLY_FAMILIES:
+                space = self.spaces[shard]
+                if self.family(name, space) in EARLY_FAMILIES:
                     chunk.append(key)
-                elif not name.startswith(self.spaces[shard].batch("")):
+                elif not name.startswith(space.batch("")):
                     later[shard].append(key)
                 if len(chunk) >= KEYS_PER_ROUND_TRIP:
                     self._copy(client, chunk)
@@ -680,8 +682,6 @@ def restore(settings: Settings, directory: Path, *, force: bool = False) -> Rest
     signal = None
     if waiting:  # so that a sensor starts the run that finishes them
         signal = f"restore:{uuid.uuid4().hex}"
-        pipe = client.pipeline(transaction=True)
-        queue.signals.record(pipe, signal, waiting)
-        pipe.execute()
+        queue.signals.record_alone(signal, waiting)
     return RestoreReport(manifest, replaced, restored, expired, handed_back, reconciled,
                          books, signal)

@@ -291,9 +291,7 @@ class QueueShard:
                         "names one batch for %d s: never reuse one for other orders)",
                         batch_id, SEEN_TTL_SECONDS)
         if self._signal_apart and not self.client.exists(signals.signal_seen(batch_id)):
-            pipe = self.client.pipeline(transaction=True)
-            self.signals.record(pipe, batch_id, len(payloads))
-            pipe.execute()
+            self.signals.record_alone(batch_id, len(payloads))
         # Acknowledged to the producer: on the replicas first (NotReplicated: whether the push
         # lasts is unknown until the master is settled; pushing again under the id tells).
         await_replication(self.client, self.keys.replication_probe)
@@ -324,9 +322,7 @@ class QueueShard:
             pipe.execute()
             return
         pipe.execute()
-        signal = self.client.pipeline(transaction=True)
-        self.signals.record(signal, signal_id, orders)
-        signal.execute()
+        self.signals.record_alone(signal_id, orders)
 
     @property
     def _dating_keys(self) -> list[str]:

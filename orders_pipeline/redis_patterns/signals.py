@@ -232,6 +232,13 @@ class CompletionSignals:
         # method), yet sends the command, routed by the channel's slot (the prefix's).
         pipe.execute_command("PUBLISH", self.keys.signals_channel, message)
 
+    def record_alone(self, batch_id: str, count: int) -> None:
+        """`record` in a MULTI of its own: for a signal whose writes share no slot with the
+        caller's (another shard's push or requeue, a restore's signal)."""
+        pipe = self.client.pipeline(transaction=True)
+        self.record(pipe, batch_id, count)
+        pipe.execute()
+
     def append(self, message: bytes) -> str | None:
         """Record a signal heard on pub/sub unless its batch is already recorded.
 
