@@ -279,11 +279,15 @@ def _set_horizon(conn: psycopg.Connection, result: RetentionResult) -> None:
     result.locked_seconds += time.perf_counter() - locked
 
 
+def _orders_in(conn: psycopg.Connection, partition: str) -> int:
+    """The orders in one partition of `orders`, counted exactly (a scan)."""
+    return int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+        sql.Identifier(partition))).fetchone()[0])
+
+
 def _count_months(conn: psycopg.Connection, horizon: date) -> dict[str, int]:
     """Step 2: the orders in each partition before `horizon`, by partition name."""
-    return {p.name: int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-                sql.Identifier(p.name))).fetchone()[0])
-            for p in partitions(conn) if p.month < horizon}
+    return {p.name: _orders_in(conn, p.name) for p in partitions(conn) if p.month < horizon}
 
 
 def _drop_months(conn: psycopg.Connection, result: RetentionResult,
@@ -295,12 +299,10 @@ def _drop_months(conn: psycopg.Connection, result: RetentionResult,
     for partition in partitions(conn):
         if partition.month >= result.horizon:
             continue
-        relation = sql.Identifier(partition.name)
         orders = counts.get(partition.name)
         if orders is None:
-            orders = int(conn.execute(
-                sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()[0])
-        conn.execute(sql.SQL("DROP TABLE {}").format(relation))
+            orders = _orders_in(conn, partition.name)
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(partition.name)))
         result.orders += orders
         result.partitions.append(partition.name)
     result.view_slices = drop_slices_before(conn, result.horizon)
